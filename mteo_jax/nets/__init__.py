@@ -1,0 +1,7 @@
+"""Backbones with the time embedding lifted out (DESIGN §3), the backbone registry and the denoiser wrapper."""
+
+from mteo_jax.nets.backbone import BACKBONES, Backbone, Denoiser, TimeEmb, get_backbone, make_denoiser
+from mteo_jax.nets.mlp import MLP
+from mteo_jax.nets.unet import UNet
+
+__all__ = ["BACKBONES", "Backbone", "Denoiser", "TimeEmb", "get_backbone", "make_denoiser", "MLP", "UNet"]
