@@ -1,0 +1,126 @@
+"""Backbones: the lifted time embedding reproduces the plain forward pass; one leaf per conditioned layer."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mteo_jax import Preconditioning, get_backbone, make_denoiser
+
+UNET_TINY = dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                 attn_resolutions=(4,), dropout=0.0)
+
+
+def _mlp(**kwargs):
+  return get_backbone("mlp", (3,), **{"data_dim": 3, "width": 32, "depth": 3, "emb_dim": 16, "noise_channels": 16,
+                                      **kwargs})
+
+
+def _unet(**kwargs):
+  return get_backbone("unet", (8, 8, 1), **{**UNET_TINY, **kwargs})
+
+
+def _perturbed_init(backbone, seed=0):
+  """Random init plus noise on every leaf, so that near-zero initialisations cannot hide an unused input."""
+  params = backbone.init(jax.random.key(seed))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  return jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def _inputs(backbone, batch=3):
+  x = jax.random.normal(jax.random.key(7), (batch,) + backbone.data_shape)
+  c_noise = jnp.linspace(-1.0, 1.0, batch)
+  label = jnp.arange(batch) % max(backbone.num_classes, 1) if backbone.num_classes else None
+  return x, c_noise, label
+
+
+@pytest.mark.parametrize("make", [_mlp, lambda: _unet(), lambda: _unet(num_classes=10)], ids=["mlp", "unet", "unet-cond"])
+def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(make):
+  backbone = make()
+  params = _perturbed_init(backbone)
+  x, c_noise, label = _inputs(backbone)
+  plain = jax.jit(lambda p, x, c, y: backbone.apply(p, x, c, y))(params, x, c_noise, label)
+  lifted = jax.jit(lambda p, x, c, y: backbone.body(p, x, backbone.embed_time(p, c, y)))(params, x, c_noise, label)
+  np.testing.assert_array_equal(plain, lifted)
+  np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label),
+                                backbone.body(params, x, backbone.embed_time(params, c_noise, label)))
+
+
+def _expected_unet_layers(levels, num_blocks):
+  encoder = levels * num_blocks + (levels - 1)          # residual blocks + one down-sampling block per lower level
+  decoder = 2 + levels * (num_blocks + 1) + (levels - 1)  # two middle blocks, blocks with skips, up-sampling blocks
+  return encoder + decoder
+
+
+@pytest.mark.parametrize("channel_mult,num_blocks", [((1, 2), 1), ((1, 2, 2), 2), ((1,), 3)])
+def test_unet_has_one_leaf_per_conditioned_layer(channel_mult, num_blocks):
+  backbone = _unet(channel_mult=channel_mult, num_blocks=num_blocks)
+  params = backbone.init(jax.random.key(0))
+  temb = backbone.embed_time(params, jnp.zeros(2))
+  assert len(temb) == _expected_unet_layers(len(channel_mult), num_blocks)
+  # Every conditioned block owns exactly one time projection in the parameter tree, and vice versa.
+  projections = sorted(name for name, block in params.items() if isinstance(block, dict) and "temb_proj" in block)
+  assert projections == sorted(temb)
+  assert all(leaf.shape == (2, backbone.emb_dim) for leaf in temb.values())
+
+
+def test_mlp_has_one_leaf_per_hidden_block():
+  backbone = _mlp(depth=5)
+  temb = backbone.embed_time(backbone.init(jax.random.key(0)), jnp.zeros(4))
+  assert sorted(temb) == [f"block{l:02d}" for l in range(5)]
+
+
+@pytest.mark.parametrize("make", [_mlp, _unet], ids=["mlp", "unet"])
+def test_every_leaf_conditions_its_layer(make):
+  """The body sees the noise level only through temb, and each leaf reaches the output."""
+  backbone = make()
+  params = _perturbed_init(backbone)
+  x, c_noise, _ = _inputs(backbone)
+  temb = backbone.embed_time(params, c_noise)
+  base = backbone.body(params, x, temb)
+  for name in temb:
+    changed = dict(temb, **{name: temb[name] + 1.0})
+    assert not np.allclose(backbone.body(params, x, changed), base), f"leaf {name} has no effect"
+
+
+def test_denoiser_with_replaced_time_embedding_matches_the_default_path():
+  backbone = _unet(num_classes=10)
+  params = _perturbed_init(backbone)
+  precond = Preconditioning("edm")
+  x, _, label = _inputs(backbone)
+  denoiser = make_denoiser(backbone, params, precond, label)
+  sigma = jnp.float32(1.7)
+  row = {k: v[0] for k, v in backbone.time_embedding(params, precond.c_noise(sigma[None])).items()}
+  np.testing.assert_allclose(denoiser(x, sigma, temb=row), denoiser(x, sigma), rtol=1e-6, atol=1e-6)
+  # The preconditioning is applied around the body: D = c_skip x + c_out F(c_in x).
+  c_skip, c_out, c_in, c_noise = precond.coefficients(sigma)
+  f = backbone.apply(params, c_in * x, jnp.full((3,), c_noise), label)
+  np.testing.assert_allclose(denoiser(x, sigma), c_skip * x + c_out * f, rtol=1e-5, atol=1e-6)
+  # A replaced embedding changes the output (the hook is live).
+  other = jax.tree.map(lambda t: t + 0.5, row)
+  assert not np.allclose(denoiser(x, sigma, temb=other), denoiser(x, sigma))
+
+
+def test_clear_errors():
+  with pytest.raises(KeyError, match=r"unknown backbone 'resnet'; expected one of \['mlp', 'unet'\]"):
+    get_backbone("resnet", (2,))
+  with pytest.raises(TypeError, match="bad options for backbone 'mlp'"):
+    get_backbone("mlp", (2,), data_dim=2, widht=3)
+  backbone = _unet()
+  params = backbone.init(jax.random.key(0))
+  with pytest.raises(ValueError, match=r"expected input of shape \[batch, 8, 8, 1\], got \(2, 8, 8, 3\)"):
+    backbone.apply(params, jnp.zeros((2, 8, 8, 3)), jnp.zeros(2))
+  temb = backbone.embed_time(params, jnp.zeros(2))
+  del temb["dec_8x8_up"]
+  with pytest.raises(ValueError, match="one leaf per conditioned layer"):
+    backbone.body(params, jnp.zeros((2, 8, 8, 1)), temb)
+  with pytest.raises(ValueError, match="unconditional"):
+    backbone.embed_time(params, jnp.zeros(2), jnp.zeros(2, jnp.int32))
+  conditional = _unet(num_classes=10)
+  with pytest.raises(ValueError, match="class-conditional"):
+    conditional.embed_time(conditional.init(jax.random.key(0)), jnp.zeros(2))
+  with pytest.raises(ValueError, match="not divisible"):
+    _unet(image_size=6, channel_mult=(1, 2, 2)).init(jax.random.key(0))
+  with pytest.raises(ValueError, match="unknown embedding_type"):
+    _mlp(embedding_type="rotary").init(jax.random.key(0))
