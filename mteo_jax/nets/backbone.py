@@ -105,13 +105,13 @@ def make_denoiser(backbone: Backbone, params: Params, precond: Preconditioning, 
 
   def denoiser(x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None) -> jax.Array:
     batch = x.shape[0]
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), (batch,))
+    sigma = jnp.asarray(sigma, x.dtype)
     c_skip, c_out, c_in, c_noise = (broadcast_to_batch(c, x) for c in precond.coefficients(sigma))
     if temb is None:
-      temb = backbone.embed_time(params, c_noise.reshape(batch), label)
-    else:
-      temb = {name: jnp.broadcast_to(leaf, (batch, leaf.shape[-1])) for name, leaf in temb.items()}
-      temb = backbone.add_label(params, temb, label)
+      # A scalar sigma (every solver step) runs the time MLP once, on a batch of one, and broadcasts it.
+      temb = backbone.time_embedding(params, jnp.reshape(c_noise, (-1,)))
+    temb = {name: jnp.broadcast_to(leaf, (batch, leaf.shape[-1])) for name, leaf in temb.items()}
+    temb = backbone.add_label(params, temb, label)
     return c_skip * x + c_out * backbone.body(params, c_in * x, temb, train=train, rng=rng)
 
   return denoiser

@@ -1,0 +1,379 @@
+"""Checkpoints of training state (orbax ``CheckpointManager``) and small stand-alone artefacts (``save_pytree``).
+
+``Checkpointer`` keeps the newest ``max_to_keep`` steps of a run, each an orbax ``Composite`` of the state pytree
+(``StandardSave``) and a JSON metadata dict (``JsonSave``). Saves are asynchronous: ``save`` returns once the arrays are
+copied off the devices, so the next training step may donate them; every read waits for pending writes first.
+Typed PRNG keys (``jax.random.key``) are stored as key data and restored as typed keys of the same implementation.
+
+``save_pytree`` writes one artefact, a directory of three files that numpy alone can read (no orbax, no nesting, so it
+ships as package data): ``arrays.npz`` (one entry per leaf), ``tree.json`` (the leaf paths, shapes and dtypes) and
+``metadata.json`` (the caller's metadata).
+
+Both check a restore target against what is stored before reading any array: another structure, shape or dtype is a
+``ValueError`` that names the first mismatching leaf, e.g. ``params/Dense_0/kernel``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+PYTREE_FORMAT = "mteo_jax.pytree"
+PYTREE_VERSION = 1
+_ARRAYS_FILE, _TREE_FILE, _METADATA_FILE = "arrays.npz", "tree.json", "metadata.json"
+
+LeafSpec = tuple[tuple[int, ...], str]  # (shape, dtype name)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pytree helpers shared by both formats
+
+
+def _key_entry(key: Any) -> tuple[str, Any]:
+  """One step of a ``jax.tree_util`` key path as ``(kind, value)``: dict key, sequence index or attribute name."""
+  if isinstance(key, jax.tree_util.DictKey):
+    if not isinstance(key.key, (str, int)) or isinstance(key.key, bool):
+      raise TypeError(f"only str or int dict keys can be stored, got {key.key!r} of type {type(key.key).__name__}")
+    return ("dict", key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return ("index", key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return ("attr", key.name)
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return ("index", key.key)
+  raise TypeError(f"unsupported pytree key {key!r} of type {type(key).__name__}")
+
+
+def _path_name(entries) -> str:
+  """A readable leaf path such as ``opt_state/1/0/mu/Dense_0/kernel``."""
+  return "/".join(str(value) for _, value in entries) or "<root>"
+
+
+def _is_prng_key(leaf: Any) -> bool:
+  return hasattr(leaf, "dtype") and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+
+
+def _target_spec(leaf: Any) -> LeafSpec:
+  """Shape and dtype a target leaf expects in storage (typed keys: their key data)."""
+  if _is_prng_key(leaf):
+    data = jax.eval_shape(jax.random.key_data, leaf)
+    return tuple(data.shape), np.dtype(data.dtype).name
+  if isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+    return tuple(leaf.shape), np.dtype(leaf.dtype).name
+  if isinstance(leaf, (bool, int, float, complex)):
+    array = np.asarray(leaf)
+    return tuple(array.shape), array.dtype.name
+  raise TypeError(f"unsupported leaf of type {type(leaf).__name__}; expected an array, a ShapeDtypeStruct or a "
+                  "Python number")
+
+
+def _format_spec(spec: LeafSpec) -> str:
+  return f"shape {spec[0]} dtype {spec[1]}"
+
+
+def _check_against_stored(where: str, target, stored: dict[str, LeafSpec]) -> None:
+  """Raise ``ValueError`` naming the first target leaf whose path, shape or dtype differs from ``stored``."""
+  target_leaves = jax.tree_util.tree_flatten_with_path(target)[0]
+  target_names = []
+  for path, leaf in target_leaves:
+    name = _path_name([_key_entry(k) for k in path])
+    target_names.append(name)
+    if name not in stored:
+      raise ValueError(f"{where} does not match the target: target leaf {name!r} ({_format_spec(_target_spec(leaf))}) "
+                       f"is not stored; stored leaves: {sorted(stored)[:20]}")
+    expected, found = _target_spec(leaf), stored[name]
+    if expected != found:
+      raise ValueError(f"{where} does not match the target at leaf {name!r}: expected {_format_spec(expected)}, "
+                       f"found {_format_spec(found)}")
+  extra = sorted(set(stored) - set(target_names))
+  if extra:
+    raise ValueError(f"{where} does not match the target: stored leaf {extra[0]!r} ({_format_spec(stored[extra[0]])}) "
+                     f"is missing from the target ({len(extra)} such leaves)")
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, np.generic):
+    return value.item()
+  if isinstance(value, (np.ndarray, jax.Array)) and not _is_prng_key(value):
+    return np.asarray(value).tolist()
+  raise TypeError(f"metadata value {value!r} of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _to_json(metadata: dict | None) -> dict:
+  """``metadata`` as plain JSON types (numpy/jax numbers and arrays become numbers and lists)."""
+  if metadata is None:
+    return {}
+  if not isinstance(metadata, dict):
+    raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+  return json.loads(json.dumps(metadata, default=_json_default))
+
+
+def _local_or_remote(path: os.PathLike | str) -> epath.Path:
+  """An absolute ``epath.Path`` (local paths are made absolute; ``gs://`` and the like are kept)."""
+  text = os.fspath(path)
+  return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training checkpoints
+
+
+class Checkpointer:
+  """The newest ``max_to_keep`` checkpoints of a run in ``directory``, saved every ``save_interval_steps`` steps."""
+
+  def __init__(self, directory: os.PathLike | str, *, max_to_keep: int = 3, save_interval_steps: int = 1000):
+    for label, value in (("max_to_keep", max_to_keep), ("save_interval_steps", save_interval_steps)):
+      if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{label} must be a positive integer, got {value!r}")
+    self.directory = _local_or_remote(directory)
+    self.max_to_keep, self.save_interval_steps = int(max_to_keep), int(save_interval_steps)
+    options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, save_interval_steps=self.save_interval_steps)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        # Handlers named up front: a fresh manager on an existing run can then read item metadata before any save.
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()})
+
+  def save(self, step: int, state: Any, metadata: dict | None = None, *, force: bool = False) -> bool:
+    """Save ``state`` at ``step`` if ``step`` is a multiple of ``save_interval_steps`` or ``force``; True if saved.
+
+    A step already saved is skipped (False) unless ``force``, which refuses to overwrite it; a step older than the
+    latest saved one is an error (a run writing into another run's directory), so nothing is silently replaced.
+    """
+    if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
+      raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    step = int(step)
+    latest = self._manager.latest_step()
+    if latest is not None and step < latest:
+      raise ValueError(f"cannot save step {step} in {self.directory}: it already holds the newer step {latest}; "
+                       "resume from it or use a fresh directory")
+    if latest is not None and step == latest:
+      if force:
+        raise ValueError(f"step {step} is already saved in {self.directory}; a checkpoint is never overwritten")
+      return False
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(_to_json(metadata)))
+    return bool(self._manager.save(step, args=args, force=force))
+
+  def latest_step(self) -> int | None:
+    """The newest saved step, or None when there is none (waits for pending saves)."""
+    self.wait_until_finished()
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The saved steps in increasing order (waits for pending saves)."""
+    self.wait_until_finished()
+    return sorted(self._manager.all_steps())
+
+  def _resolve_step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint to restore in directory {self.directory}")
+    if step is None:
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(f"no checkpoint for step {step} in directory {self.directory}; saved steps: {steps}")
+    return int(step)
+
+  def stored_leaves(self, step: int | None = None) -> dict[str, LeafSpec]:
+    """``{leaf path: (shape, dtype)}`` of the state saved at ``step`` (default: the latest), read from its metadata."""
+    step = self._resolve_step(step)
+    tree = self._manager.item_metadata(step)["state"]
+    tree = getattr(tree, "tree", tree)
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+    return {_path_name([_key_entry(k) for k in path]): (tuple(meta.shape), np.dtype(meta.dtype).name)
+            for path, meta in leaves[0]}
+
+  def restore(self, target: Any, step: int | None = None) -> Any:
+    """The state saved at ``step`` (default: the latest), with the structure, shapes and dtypes of ``target``.
+
+    ``target`` is a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s); restored arrays take its
+    shardings.
+    """
+    step = self._resolve_step(step)
+    _check_against_stored(f"checkpoint {self.directory}/{step}", target, self.stored_leaves(step))
+    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    return restored["state"]
+
+  def metadata(self, step: int | None = None) -> dict:
+    """The metadata dict saved with ``step`` (default: the latest)."""
+    step = self._resolve_step(step)
+    restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+    return dict(restored["metadata"] or {})
+
+  def wait_until_finished(self) -> None:
+    """Block until every asynchronous save has been written."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Finish pending saves and release orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stand-alone artefacts
+
+
+def _is_artefact(path: epath.Path) -> bool:
+  tree_file = path / _TREE_FILE
+  if not tree_file.exists():
+    return False
+  try:
+    return json.loads(tree_file.read_text()).get("format") == PYTREE_FORMAT
+  except (ValueError, AttributeError):
+    return False
+
+
+def save_pytree(path: os.PathLike | str, tree: Any, metadata: dict | None = None, *, overwrite: bool = False) -> None:
+  """Write ``tree`` (arrays, numbers, typed PRNG keys) and ``metadata`` as the artefact directory ``path``.
+
+  An existing ``path`` is an error unless ``overwrite``; even then only a previous artefact is replaced, never some
+  other directory, and the new one is complete before the old one is removed. Only process 0 writes.
+  """
+  path = _local_or_remote(path)
+  metadata = _to_json(metadata)
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if not _is_artefact(path):
+      raise FileExistsError(f"{path} exists and is not a save_pytree artefact; refusing to replace it")
+  if jax.process_index() != 0:  # artefacts are small and replicated: one writer on a multi-host run
+    return
+  leaves, arrays = [], {}
+  for index, (key_path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
+    entries = [_key_entry(k) for k in key_path]
+    entry = {"path": [list(e) for e in entries], "name": _path_name(entries), "array": f"leaf_{index}"}
+    if _is_prng_key(leaf):
+      entry.update(prng_impl=str(jax.random.key_impl(leaf)), key_dtype=str(leaf.dtype))
+      value = np.asarray(jax.random.key_data(leaf))
+    elif isinstance(leaf, (jax.Array, np.ndarray, np.generic, bool, int, float, complex)):
+      value = np.asarray(leaf)
+    else:
+      raise TypeError(f"cannot store leaf {entry['name']!r} of type {type(leaf).__name__}; expected an array, a typed "
+                      "PRNG key or a Python number")
+    if value.dtype.kind not in "biufc" and not value.dtype.type.__module__.startswith("ml_dtypes"):
+      raise TypeError(f"cannot store leaf {entry['name']!r} of dtype {value.dtype}; expected a numeric array")
+    entry.update(shape=list(value.shape), dtype=value.dtype.name)
+    arrays[entry["array"]] = value
+    leaves.append(entry)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  manifest = {"format": PYTREE_FORMAT, "version": PYTREE_VERSION, "leaves": leaves}
+
+  # Write beside the destination, then swap, so a crash never leaves a half-written artefact at `path`.
+  staging = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+  staging.mkdir(parents=True)
+  (staging / _ARRAYS_FILE).write_bytes(buffer.getvalue())
+  (staging / _TREE_FILE).write_text(json.dumps(manifest, indent=1))
+  (staging / _METADATA_FILE).write_text(json.dumps(metadata, indent=1, sort_keys=True))
+  if path.exists():
+    retired = path.parent / f".{path.name}.old-{uuid.uuid4().hex}"
+    path.rename(retired)
+    staging.rename(path)
+    retired.rmtree()
+  else:
+    staging.rename(path)
+
+
+def _read_manifest(path: epath.Path) -> dict:
+  if not path.exists():
+    raise FileNotFoundError(f"no saved pytree at {path} (expected a directory with {_ARRAYS_FILE}, {_TREE_FILE} and "
+                            f"{_METADATA_FILE})")
+  if not _is_artefact(path):
+    raise ValueError(f"{path} is not a save_pytree artefact (no valid {_TREE_FILE})")
+  manifest = json.loads((path / _TREE_FILE).read_text())
+  if manifest.get("version") != PYTREE_VERSION:
+    raise ValueError(f"{path}: unsupported artefact version {manifest.get('version')}; expected {PYTREE_VERSION}")
+  return manifest
+
+
+def _stored_value(entry: dict, arrays) -> Any:
+  value = arrays[entry["array"]]
+  if value.dtype.name != entry["dtype"]:  # dtypes numpy cannot name in .npz (bfloat16, ...) come back as raw bytes
+    value = value.view(jnp.dtype(entry["dtype"]))
+  return value
+
+
+def _insert(container: Any, entries: list, value: Any) -> Any:
+  """Place ``value`` at ``entries`` in nested dicts (dict keys, attributes) and lists (indices); [] is the root."""
+  if not entries:
+    return value
+  (kind, key), rest = entries[0], entries[1:]
+  if container is None:
+    container = [] if kind == "index" else {}
+  if kind == "index":
+    container.extend([None] * (key + 1 - len(container)))
+    container[key] = _insert(container[key], rest, value)
+  else:
+    container[key] = _insert(container.get(key), rest, value)
+  return container
+
+
+def load_pytree(path: os.PathLike | str, target: Any = None) -> Any:
+  """The pytree saved at ``path``.
+
+  Without ``target``: nested dicts (dict keys, attributes) and lists (indices) of numpy arrays, typed PRNG keys as jax
+  key arrays. With ``target``: its structure, with shapes and dtypes checked first; each leaf comes back as the
+  target's leaf type (jax arrays, on the target's sharding; numpy arrays; Python numbers).
+  """
+  path = _local_or_remote(path)
+  manifest = _read_manifest(path)
+  with np.load(io.BytesIO((path / _ARRAYS_FILE).read_bytes()), allow_pickle=False) as arrays:
+    stored = {entry["name"]: (entry, _stored_value(entry, arrays)) for entry in manifest["leaves"]}
+
+  def as_stored(entry: dict, value: np.ndarray) -> Any:
+    if entry.get("prng_impl"):
+      return jax.random.wrap_key_data(value, impl=entry["prng_impl"])
+    return value
+
+  if target is None:
+    tree = None
+    for entry, value in stored.values():
+      tree = _insert(tree, [tuple(e) for e in entry["path"]], as_stored(entry, value))
+    return {} if tree is None else tree
+
+  specs = {name: (tuple(entry["shape"]), entry["dtype"]) for name, (entry, _) in stored.items()}
+  _check_against_stored(f"saved pytree {path}", target, specs)
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+  restored = []
+  for key_path, leaf in leaves:
+    name = _path_name([_key_entry(k) for k in key_path])
+    entry, value = stored[name]
+    if _is_prng_key(leaf) or entry.get("prng_impl"):
+      # Key data and raw uint32 arrays have equal shapes and dtypes: the key type itself must match too.
+      expected = str(leaf.dtype) if _is_prng_key(leaf) else None
+      if entry.get("key_dtype") != expected:
+        describe = lambda key_dtype: f"a {key_dtype} key" if key_dtype else f"raw {entry['dtype']} data"
+        raise ValueError(f"saved pytree {path} does not match the target at leaf {name!r}: expected "
+                         f"{describe(expected)}, found {describe(entry.get('key_dtype'))}")
+      restored.append(jax.device_put(jax.random.wrap_key_data(value, impl=entry["prng_impl"]),
+                                     getattr(leaf, "sharding", None)))
+    elif isinstance(leaf, (jax.Array, jax.ShapeDtypeStruct)):
+      restored.append(jax.device_put(value, getattr(leaf, "sharding", None)))
+    elif isinstance(leaf, (bool, int, float, complex)):
+      restored.append(type(leaf)(value.item()))
+    elif isinstance(leaf, np.generic):
+      restored.append(value[()])
+    else:
+      restored.append(value)
+  return jax.tree_util.tree_unflatten(treedef, restored)
+
+
+def load_metadata(path: os.PathLike | str) -> dict:
+  """The metadata dict saved with the artefact at ``path``."""
+  path = _local_or_remote(path)
+  _read_manifest(path)
+  return json.loads((path / _METADATA_FILE).read_text())

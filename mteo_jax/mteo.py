@@ -1,0 +1,205 @@
+"""MTEO: multi-layer time-embedding optimisation (DESIGN §3, §5).
+
+The backbone stays frozen. What is learned is a *table* with the structure of the backbone's ``TimeEmb``: for network
+evaluation ``i`` of a few-step solver and conditioned layer ``l``, ``table[l][i]`` replaces the time part of the
+embedding the backbone would compute from ``c_noise(sigma_i)``. The table is initialised from exactly those
+embeddings, so an untrained table reproduces the base solver, and is trained by unrolling the solver from the same
+``x_T`` as the teacher and matching the teacher's states at the student's sigmas and at the end:
+
+    L(table) = d(x_N, x_N^ref) + w * mean_{0 < k < N} d(x_k, x_k^ref),
+
+with ``d`` one of L2 / L1 / pseudo-Huber (mean over features). Class labels keep their own embedding, added by the
+denoiser as the backbone does. ``granularity="shared"`` learns one vector per evaluation for all layers (the ablation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from mteo_jax.diffusion import Preconditioning
+from mteo_jax.nets import Backbone, make_denoiser
+from mteo_jax.registry import Registry
+
+Table = dict[str, jax.Array]
+SHARED_KEY = "shared"
+GRANULARITIES = ("layer", "shared")
+
+# --- per-sample distances -----------------------------------------------------------------------------------------
+
+DISTANCES: Registry[Callable[..., jax.Array]] = Registry("MTEO loss")
+
+
+def _per_sample_mean(values: jax.Array) -> jax.Array:
+  return jnp.mean(values.reshape(values.shape[0], -1), axis=-1)
+
+
+@DISTANCES.register("l2")
+def l2_distance(x: jax.Array, y: jax.Array, huber_c: float = 0.0) -> jax.Array:
+  """Mean squared error per sample."""
+  del huber_c
+  return _per_sample_mean((x - y) ** 2)
+
+
+@DISTANCES.register("l1")
+def l1_distance(x: jax.Array, y: jax.Array, huber_c: float = 0.0) -> jax.Array:
+  """Mean absolute error per sample."""
+  del huber_c
+  return _per_sample_mean(jnp.abs(x - y))
+
+
+@DISTANCES.register("pseudo_huber")
+def pseudo_huber_distance(x: jax.Array, y: jax.Array, huber_c: float = 0.03) -> jax.Array:
+  """``sqrt(mse + c^2) - c`` per sample (Song & Dhariwal 2023): quadratic below ``c``, linear above."""
+  return jnp.sqrt(_per_sample_mean((x - y) ** 2) + huber_c ** 2) - huber_c
+
+
+# --- the table ----------------------------------------------------------------------------------------------------
+
+def init_table(backbone: Backbone, params: Any, precond: Preconditioning, eval_sigmas: jax.Array,
+               granularity: str = "layer") -> Table:
+  """The pretrained time embeddings at each evaluation's sigma: ``{layer: [NFE, D]}`` or ``{"shared": [NFE, D]}``."""
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {list(GRANULARITIES)}")
+  eval_sigmas = jnp.asarray(eval_sigmas)
+  if eval_sigmas.ndim != 1 or eval_sigmas.shape[0] < 1:
+    raise ValueError(f"eval_sigmas must be a non-empty 1-D array (one sigma per network evaluation), got shape "
+                     f"{eval_sigmas.shape}")
+  temb = backbone.time_embedding(params, precond.c_noise(eval_sigmas))
+  if granularity == "shared":
+    # The default path broadcasts one embedding to all layers, so any leaf is the shared one.
+    return {SHARED_KEY: temb[backbone.layer_names[0]]}
+  # Distinct buffers per layer: the default path shares one array between all leaves, and a donated train state
+  # may not hold the same buffer twice.
+  return {name: jnp.array(leaf, copy=True) for name, leaf in temb.items()}
+
+
+def table_granularity(table: Table) -> str:
+  return "shared" if set(table) == {SHARED_KEY} else "layer"
+
+
+def expand_table(table: Table, layer_names: tuple[str, ...]) -> Table:
+  """The per-layer table a solver consumes: a ``shared`` table is broadcast to every layer."""
+  if table_granularity(table) == "shared":
+    return {name: table[SHARED_KEY] for name in layer_names}
+  if set(table) != set(layer_names):
+    raise ValueError(f"table layers {sorted(table)} do not match the backbone's conditioned layers "
+                     f"{sorted(layer_names)}")
+  return table
+
+
+def table_nfe(table: Table) -> int:
+  lengths = {leaf.shape[0] for leaf in table.values()}
+  if len(lengths) != 1:
+    raise ValueError(f"table leaves disagree on the number of network evaluations: {sorted(lengths)}")
+  return lengths.pop()
+
+
+# --- loss and training step ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """``distance``: l2 | l1 | pseudo_huber; ``intermediate_weight``: w above (0 matches the final state only)."""
+  distance: str = "l2"
+  intermediate_weight: float = 0.1
+  huber_c: float = 0.03
+
+  def __post_init__(self):
+    DISTANCES.get(self.distance)  # raises with the valid names
+    if self.intermediate_weight < 0:
+      raise ValueError(f"intermediate_weight must be >= 0, got {self.intermediate_weight}")
+
+
+def trajectory_loss(states: jax.Array, ref_states: jax.Array, config: LossConfig) -> jax.Array:
+  """Loss between a student trajectory and the teacher's, both ``[N+1, B, ...]`` (x_T first, the sample last)."""
+  if states.shape != ref_states.shape:
+    raise ValueError(f"student states {states.shape} and reference states {ref_states.shape} must have the same "
+                     "shape [N+1, batch, ...]: the references must be saved at the student's sigmas")
+  distance = DISTANCES.get(config.distance)
+  final = jnp.mean(distance(states[-1], ref_states[-1], config.huber_c))
+  num_steps = states.shape[0] - 1
+  if num_steps < 2 or config.intermediate_weight == 0:
+    return final
+  intermediate = jnp.mean(jax.vmap(lambda s, r: distance(s, r, config.huber_c))(states[1:-1], ref_states[1:-1]))
+  return final + config.intermediate_weight * intermediate
+
+
+def student_sample(solver: Any, backbone: Backbone, params: Any, precond: Preconditioning, table: Table | None,
+                   x_T: jax.Array, sigmas: jax.Array, label: jax.Array | None = None,
+                   return_trajectory: bool = False):
+  """The few-step solver on the frozen teacher, with the table (or, ``table=None``, the plain pretrained path)."""
+  denoiser = make_denoiser(backbone, params, precond, label)
+  temb_table = None if table is None else expand_table(table, backbone.layer_names)
+  return solver.sample(denoiser, x_T, sigmas, temb_table=temb_table, return_trajectory=return_trajectory)
+
+
+def make_loss_fn(solver: Any, backbone: Backbone, precond: Preconditioning, sigmas: jax.Array,
+                 config: LossConfig) -> Callable[..., jax.Array]:
+  """``loss(table, params, batch)`` with batch ``{"x_T": [B, ...], "ref": [B, N+1, ...], "label"?: [B]}``."""
+
+  def loss_fn(table: Table, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+    _, states = student_sample(solver, backbone, params, precond, table, batch["x_T"], sigmas, batch.get("label"),
+                               return_trajectory=True)
+    return trajectory_loss(states, jnp.swapaxes(batch["ref"], 0, 1), config)
+
+  return loss_fn
+
+
+# --- the artefact -------------------------------------------------------------------------------------------------
+
+TABLE_FORMAT = "mteo_jax.mteo_table/1"
+
+
+def table_metadata(teacher_hash: str, solver_name: str, solver_options: dict, schedule: str, sigmas: Any,
+                   table: Table, layer_names: tuple[str, ...], loss: LossConfig | None = None,
+                   extra: dict | None = None) -> dict:
+  """What a table belongs to: it is only valid for this teacher, solver (with options), schedule and NFE."""
+  return {
+      "format": TABLE_FORMAT,
+      "teacher": teacher_hash,
+      "solver": solver_name,
+      "solver_options": dict(solver_options),
+      "schedule": schedule,
+      "sigmas": [float(s) for s in jnp.asarray(sigmas)],
+      "nfe": table_nfe(table),
+      "granularity": table_granularity(table),
+      "layer_names": list(layer_names),
+      "loss": None if loss is None else dataclasses.asdict(loss),
+      **(extra or {}),
+  }
+
+
+def save_table(path: str, table: Table, metadata: dict, *, overwrite: bool = False) -> None:
+  """The table with orbax plus its metadata JSON (``table_metadata``); an existing artefact is never overwritten
+  unless ``overwrite``."""
+  from mteo_jax import checkpoints  # noqa: PLC0415 (orbax is slow to import; only the artefact needs it)
+  if metadata.get("format") != TABLE_FORMAT:
+    raise ValueError(f"metadata must come from table_metadata() (format {TABLE_FORMAT!r})")
+  checkpoints.save_pytree(path, jax.device_get(table), metadata, overwrite=overwrite)
+
+
+def load_table(path: str, *, teacher_hash: str, solver_name: str, nfe: int, solver_options: dict | None = None,
+               sigmas: Any = None) -> tuple[Table, dict]:
+  """Loads a table, checking that it belongs to this teacher, solver and NFE (and sigmas, when given)."""
+  from mteo_jax import checkpoints  # noqa: PLC0415
+  metadata = checkpoints.load_metadata(path)
+  if metadata.get("format") != TABLE_FORMAT:
+    raise ValueError(f"{path} is not an MTEO table (format {metadata.get('format')!r}, expected {TABLE_FORMAT!r})")
+  expected = {"teacher": teacher_hash, "solver": solver_name, "nfe": nfe}
+  if solver_options is not None:
+    expected["solver_options"] = dict(solver_options)
+  mismatches = [f"{key}: table has {metadata.get(key)!r}, expected {value!r}" for key, value in expected.items()
+                if metadata.get(key) != value]
+  if sigmas is not None:
+    wanted = [float(s) for s in jnp.asarray(sigmas)]
+    if not jnp.allclose(jnp.asarray(metadata["sigmas"]), jnp.asarray(wanted), rtol=1e-6):
+      mismatches.append(f"sigmas: table has {metadata['sigmas']}, expected {wanted}")
+  if mismatches:
+    raise ValueError(f"the MTEO table at {path} does not belong to this run: " + "; ".join(mismatches))
+  table = {name: jnp.asarray(leaf) for name, leaf in checkpoints.load_pytree(path).items()}
+  if table_nfe(table) != nfe:
+    raise ValueError(f"the MTEO table at {path} has {table_nfe(table)} rows, expected {nfe}")
+  return table, metadata
