@@ -1,0 +1,59 @@
+"""Few-step probability-flow ODE solvers (DESIGN §4) by name: ``get_solver("dpmpp_2m").sample(D, x_T, sigmas)``.
+
+Registered names: ``euler``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``, ``ipndm``, ``deis``. Every solver has
+``name``, ``order``, ``nfe(num_steps)``, ``num_steps_for_nfe(nfe)``, ``eval_sigmas(sigmas)`` and
+``sample(denoiser, x_T, sigmas, *, temb_table=None, return_trajectory=False, remat=None)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from mteo_jax.registry import Registry
+from mteo_jax.solvers.base import Solver, check_temb_table, phi, phis, solve_transposed_vandermonde
+from mteo_jax.solvers.deis import DEIS, deis_coefficients, deis_update
+from mteo_jax.solvers.dpm_solver import DPMSolverPP, dpmpp_update
+from mteo_jax.solvers.euler import Euler
+from mteo_jax.solvers.heun import Heun
+from mteo_jax.solvers.ipndm import IPNDM, ipndm_update
+from mteo_jax.solvers.unipc import UniPC, unic_update, unip_update
+
+SOLVERS: Registry[Callable[..., Solver]] = Registry("solver")
+SOLVERS.register("euler")(Euler)
+SOLVERS.register("heun")(Heun)
+SOLVERS.register("unipc")(UniPC)
+SOLVERS.register("ipndm")(IPNDM)
+SOLVERS.register("deis")(DEIS)
+
+
+@SOLVERS.register("dpmpp_2m")
+def dpmpp_2m(*, lower_order_final: bool = True, remat: bool = False) -> DPMSolverPP:
+  """DPM-Solver++(2M)."""
+  return DPMSolverPP(order=2, lower_order_final=lower_order_final, remat=remat)
+
+
+@SOLVERS.register("dpmpp_3m")
+def dpmpp_3m(*, lower_order_final: bool = True, taylor_third_order: bool = False, remat: bool = False
+             ) -> DPMSolverPP:
+  """DPM-Solver++(3M)."""
+  return DPMSolverPP(order=3, lower_order_final=lower_order_final, taylor_third_order=taylor_third_order, remat=remat)
+
+
+def solver_options(name: str) -> dict[str, object]:
+  """The options of the named solver and their defaults."""
+  return {p.name: p.default for p in inspect.signature(SOLVERS.get(name)).parameters.values()}
+
+
+def get_solver(name: str, **options) -> Solver:
+  """Builds the named solver; an unknown name or option is an error that lists the valid ones."""
+  valid = solver_options(name)
+  unknown = sorted(set(options) - set(valid))
+  if unknown:
+    raise TypeError(f"unknown option(s) {unknown} for solver {name!r}; valid options: {sorted(valid)}")
+  return SOLVERS.get(name)(**options)
+
+
+__all__ = ["SOLVERS", "Solver", "Euler", "Heun", "DPMSolverPP", "UniPC", "IPNDM", "DEIS", "get_solver",
+           "solver_options", "check_temb_table", "phi", "phis", "solve_transposed_vandermonde", "dpmpp_update",
+           "unip_update", "unic_update", "ipndm_update", "deis_update", "deis_coefficients"]

@@ -1,0 +1,264 @@
+"""The solver contract (DESIGN §4) and what every solver shares: the step loop, MTEO table rows, remat, phi functions.
+
+All solvers integrate the probability-flow ODE ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``sigmas[0]`` to
+``sigmas[-1]`` by calling only a denoiser ``D(x, sigma, temb=None)``. In the EDM variables ``alpha = 1`` and
+``sigma_t = sigma``, so ``lambda = -log sigma`` and ``dx/dlambda = D - x``; the exponential integrators (DPM-Solver++,
+UniPC) are written in that form.
+
+The loop over steps is unrolled in Python: the number of steps is static (it is the length of ``sigmas``), every step
+may have its own static order (warm-up, lower order at the end), and each step can be wrapped in ``jax.checkpoint``.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import functools
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mteo_jax.schedules import check_num_steps, validate_sigmas
+
+# ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``); kept as a plain callable here so that the
+# solvers depend on no network code and run on closed-form denoisers.
+Denoiser = Callable[..., jax.Array]
+TembTable = Any  # a pytree whose every leaf has leading axis nfe; row i feeds network evaluation i
+Evaluate = Callable[[int, jax.Array], jax.Array]  # (index of the evaluation within the step, x) -> x0_hat
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Solver(abc.ABC):
+  """A few-step ODE solver: ``sample(denoiser, x_T, sigmas) -> x at sigmas[-1]``.
+
+  Attributes:
+    remat: wrap every step in ``jax.checkpoint``: the same values and gradients (up to float round-off, as XLA may
+      fuse a checkpointed step differently), with only the per-step states kept for the backward pass.
+  Subclasses provide ``name``, ``order`` (the order of the method as configured) and ``_step``.
+  """
+  remat: bool = False
+
+  def __post_init__(self):
+    check_bool("remat", self.remat)
+
+  # --- network evaluations ------------------------------------------------------------------------------------------
+
+  def _step_eval_offsets(self, step: int, num_steps: int) -> tuple[int, ...]:
+    """Where step ``step`` calls the denoiser, as offsets into ``sigmas`` from ``step`` (0: sigmas[step], 1: next)."""
+    del step, num_steps
+    return (0,)
+
+  def nfe(self, num_steps: int) -> int:
+    """Number of denoiser calls for ``num_steps`` steps."""
+    num_steps = check_num_steps(num_steps)
+    return sum(len(self._step_eval_offsets(i, num_steps)) for i in range(num_steps))
+
+  def num_steps_for_nfe(self, nfe: int) -> int:
+    """The number of steps that makes exactly ``nfe`` denoiser calls (inverse of ``nfe``)."""
+    if isinstance(nfe, (bool, np.bool_)) or not isinstance(nfe, (int, np.integer)) or nfe < 1:
+      raise ValueError(f"nfe must be an integer >= 1, got {nfe!r}")
+    nfe = int(nfe)
+    # nfe(N) >= N and is increasing in N, so the answer, if any, lies in 1..nfe.
+    reachable = {self.nfe(n): n for n in range(1, nfe + 2)}
+    if nfe in reachable:
+      return reachable[nfe]
+    below = max((k for k in reachable if k < nfe), default=None)
+    above = min(k for k in reachable if k > nfe)
+    nearest = ([f"{below} (N={reachable[below]})"] if below is not None else []) + [f"{above} (N={reachable[above]})"]
+    raise ValueError(f"solver {self.name!r} cannot make exactly {nfe} network evaluations; nearest reachable NFE: "
+                     f"{' or '.join(nearest)}")
+
+  def eval_sigmas(self, sigmas: jax.Array) -> jax.Array:
+    """``[nfe]``: the noise level of each denoiser call, in call order (MTEO table row i is initialised there)."""
+    sigmas = validate_sigmas(sigmas)
+    num_steps = sigmas.shape[0] - 1
+    index = [i + offset for i in range(num_steps) for offset in self._step_eval_offsets(i, num_steps)]
+    return sigmas[jnp.asarray(index)]
+
+  # --- sampling -----------------------------------------------------------------------------------------------------
+
+  def _init_carry(self, x_T: jax.Array) -> Any:
+    """What a step hands to the next besides the state (e.g. the history of a multistep method)."""
+    del x_T
+    return ()
+
+  @abc.abstractmethod
+  def _step(self, step: int, num_steps: int, evaluate: Evaluate, x: jax.Array, carry: Any,
+            sigmas: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+    """One step from ``sigmas[step]`` to ``sigmas[step + 1]``.
+
+    ``evaluate(j, x)`` makes the step's j-th denoiser call (at ``sigmas[step + offsets[j]]``, with its table row).
+    Returns ``(x_next, carry, x_here)``: the state at the next noise level, the new carry, and the final value of the
+    state at ``sigmas[step]`` (differs from the input only for predictor-corrector methods).
+    """
+
+  def sample(self, denoiser: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, temb_table: TembTable | None = None,
+             return_trajectory: bool = False, remat: bool | None = None):
+    """Integrates the PF-ODE from ``x_T`` at ``sigmas[0]`` to ``sigmas[-1]``.
+
+    Args:
+      denoiser: ``D(x, sigma, temb=None) -> x0_hat`` with ``sigma`` a scalar.
+      x_T: the initial state at ``sigmas[0]`` (any shape the denoiser accepts, e.g. [B, ...]).
+      sigmas: [N + 1] strictly decreasing noise levels, > 0.
+      temb_table: None, or a pytree whose leaves have leading axis ``nfe(N)``; denoiser call i receives
+        ``temb = jax.tree.map(lambda t: t[i], temb_table)``.
+      return_trajectory: also return the states at every entry of ``sigmas``, [N + 1, *x_T.shape].
+      remat: overrides the solver's ``remat`` for this call.
+    Returns:
+      ``x`` at ``sigmas[-1]``, or ``(x, states)`` when ``return_trajectory``.
+    """
+    x_T = jnp.asarray(x_T)
+    if not jnp.issubdtype(x_T.dtype, jnp.floating):
+      raise TypeError(f"x_T must be a floating-point array, got dtype {x_T.dtype}")
+    sigmas = validate_sigmas(sigmas).astype(x_T.dtype)
+    num_steps = sigmas.shape[0] - 1
+    check_temb_table(temb_table, self.nfe(num_steps), f"{self.name!r} with {num_steps} steps")
+    use_remat = self.remat if remat is None else remat
+    check_bool("remat", use_remat)
+
+    x, carry, states, first_eval = x_T, self._init_carry(x_T), [], 0
+    for step in range(num_steps):
+      offsets = self._step_eval_offsets(step, num_steps)
+      rows = None if temb_table is None else tuple(
+          jax.tree.map(lambda leaf, k=first_eval + j: leaf[k], temb_table) for j in range(len(offsets)))
+      first_eval += len(offsets)
+      step_fn = self._bind_step(step, num_steps, offsets, denoiser)
+      if use_remat:
+        step_fn = jax.checkpoint(step_fn)
+      x, carry, x_here = step_fn(x, carry, sigmas, rows)
+      states.append(x_here)
+    states.append(x)
+    if return_trajectory:
+      return x, jnp.stack(states)
+    return x
+
+  def _bind_step(self, step: int, num_steps: int, offsets: tuple[int, ...], denoiser: Denoiser):
+    """The step as a function of arrays only, ``(x, carry, sigmas, rows) -> (x_next, carry, x_here)``."""
+
+    def step_fn(x, carry, sigmas, rows):
+      def evaluate(j: int, x_eval: jax.Array) -> jax.Array:
+        sigma = sigmas[step + offsets[j]]
+        x0_hat = denoiser(x_eval, sigma) if rows is None else denoiser(x_eval, sigma, temb=rows[j])
+        if jnp.shape(x0_hat) != x_eval.shape:
+          raise ValueError(f"the denoiser returned shape {jnp.shape(x0_hat)} for an input of shape {x_eval.shape}; "
+                           "expected the same shape")
+        return x0_hat
+      return self._step(step, num_steps, evaluate, x, carry, sigmas)
+
+    return step_fn
+
+
+# --- shared helpers -------------------------------------------------------------------------------------------------
+
+def jit_when_eager(*, static_argnames: tuple[str, ...]):
+  """Decorator for the update formulas: one compiled program per call on concrete arrays, a plain call otherwise.
+
+  An eager sampling loop then dispatches one program per update instead of dozens of scalar ops. Under jit, grad,
+  vmap or checkpoint the plain function is traced into the caller's program instead: a nested jit there would be
+  compiled and differentiated as a separate sub-program for every order and history length, which costs far more
+  compilation than it saves.
+  """
+  def decorator(fn):
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+      if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+        return fn(*args, **kwargs)
+      return jitted(*args, **kwargs)
+
+    return wrapper
+
+  return decorator
+
+
+def check_bool(name: str, value) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_order(solver_name: str, order, allowed: tuple[int, ...]) -> None:
+  if isinstance(order, bool) or not isinstance(order, int) or order not in allowed:
+    raise ValueError(f"{solver_name}: order must be one of {list(allowed)}, got {order!r}")
+
+
+def check_temb_table(temb_table: TembTable | None, nfe: int, what: str = "") -> None:
+  """Every leaf of ``temb_table`` must have a leading axis of length ``nfe`` (one row per denoiser call)."""
+  if temb_table is None:
+    return
+  leaves = jax.tree_util.tree_flatten_with_path(temb_table)[0]
+  if not leaves:
+    raise ValueError("temb_table has no leaves; pass None to use the denoiser's own time embedding")
+  for path, leaf in leaves:
+    shape = jnp.shape(leaf)
+    if len(shape) == 0 or shape[0] != nfe:
+      found = "a scalar" if len(shape) == 0 else f"leading axis {shape[0]} (shape {tuple(shape)})"
+      raise ValueError(f"temb_table leaf {jax.tree_util.keystr(path) or '<root>'} has {found}; expected leading axis "
+                       f"nfe={nfe} (one row per network evaluation{' of ' + what if what else ''})")
+
+
+def log_ratio(sigma_from: jax.Array, sigma_to: jax.Array) -> jax.Array:
+  """``lambda_to - lambda_from = log(sigma_from / sigma_to)`` (positive when integrating towards lower noise)."""
+  return jnp.log(sigma_from) - jnp.log(sigma_to)
+
+
+_PHI_SERIES_BELOW = 1.0  # below this |z| the upward recursion would lose ~log10(1/|z|) digits per order
+_PHI_TAYLOR_TERMS = 18   # |z| < 1: truncation error below 1/(18 + k)! relative to phi_k(0) = 1/k!, under float64 eps
+
+
+def phis(k_max: int, z: jax.Array) -> list[jax.Array]:
+  """``[phi_1(z), ..., phi_kmax(z)]`` with ``phi_k(z) = sum_n z^n / (n + k)!``, stable for every z.
+
+  ``phi_1 = (e^z - 1)/z`` and ``phi_{k+1} = (phi_k - 1/k!)/z``. That upward recursion is used for ``|z| >= 1``; near 0
+  it cancels, so there ``phi_kmax`` comes from its series and the others from the stable downward recursion
+  ``phi_k = 1/k! + z phi_{k+1}``.
+  """
+  if k_max < 1:
+    raise ValueError(f"phi_k needs k >= 1, got k_max={k_max}")
+  z = jnp.asarray(z)
+  small = jnp.abs(z) < _PHI_SERIES_BELOW
+  z_near = jnp.where(small, z, jnp.zeros_like(z))   # each branch sees only values it is accurate (and finite) for,
+  z_far = jnp.where(small, jnp.ones_like(z), z)     # so the branch not taken cannot poison values or gradients
+  series = jnp.zeros_like(z) + 1.0 / math.factorial(_PHI_TAYLOR_TERMS + k_max)
+  for n in range(_PHI_TAYLOR_TERMS - 1, -1, -1):     # Horner: sum_{n <= M} z^n / (n + k_max)!
+    series = series * z_near + 1.0 / math.factorial(n + k_max)
+  near = [series]
+  for k in range(k_max - 1, 0, -1):
+    near.insert(0, 1.0 / math.factorial(k) + z_near * near[0])
+  far = [jnp.expm1(z_far) / z_far]
+  for k in range(1, k_max):
+    far.append((far[-1] - 1.0 / math.factorial(k)) / z_far)
+  return [jnp.where(small, a, b) for a, b in zip(near, far)]
+
+
+def phi(k: int, z: jax.Array) -> jax.Array:
+  """``phi_k(z)`` (see ``phis``)."""
+  return phis(k, z)[-1]
+
+
+def solve_transposed_vandermonde(nodes: Sequence[jax.Array], b: Sequence[jax.Array]) -> list[jax.Array]:
+  """``rho`` with ``sum_k rho_k nodes_k^j = b_j`` for j = 0..n-1, in closed form.
+
+  ``rho_k`` is the Lagrange basis polynomial ``L_k(y) = sum_j c_kj y^j`` of the nodes read as a functional
+  ``y^j -> b_j``; for the 2- and 3-point systems of UniPC this is a handful of scalar operations (no LU, cheap to
+  differentiate and to compile).
+  """
+  n = len(nodes)
+  if len(b) != n:
+    raise ValueError(f"need as many right-hand sides as nodes, got {len(b)} and {n}")
+  rho = []
+  for k in range(n):
+    coefficients, denominator = [jnp.ones_like(nodes[k])], jnp.ones_like(nodes[k])
+    for m in range(n):
+      if m == k:
+        continue
+      # multiply the polynomial by (y - nodes[m]); coefficients are in increasing powers of y
+      shifted = [jnp.zeros_like(nodes[k])] + coefficients
+      scaled = [-nodes[m] * c for c in coefficients] + [jnp.zeros_like(nodes[k])]
+      coefficients = [p + q for p, q in zip(shifted, scaled)]
+      denominator = denominator * (nodes[k] - nodes[m])
+    rho.append(sum(c * bj for c, bj in zip(coefficients, b)) / denominator)
+  return rho
