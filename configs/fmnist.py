@@ -1,0 +1,56 @@
+"""Teacher on Fashion-MNIST (28x28x1): a DDPM++-style UNet trained with EDM's objective.
+
+Data come from the IDX files of Debian's ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), else
+from tfds ``fashion_mnist`` (see ``mteo_jax.data``). Unconditional, like the digits teacher, so that later few-step
+comparisons start from noise alone. Images in [-1, 1] have a pixel standard deviation of 0.71: ``sigma_data = 0.7``.
+
+    python -m mteo_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist       # small UNet: ~2 h on 2 CPU cores
+    python -m mteo_jax.main --config=configs/fmnist.py:gpu --workdir=/tmp/fmnist   # larger UNet: ~1-2 h on one GPU
+    python -m mteo_jax.main --config=configs/fmnist.py:tiny --workdir=/tmp/fmnist_t  # ~1 min on CPU (smoke test)
+
+Variants: ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 10k steps of 32; measured 0.6 s per step on a
+shared 2-core CPU machine), ``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
+of 256; the GPU time is an estimate, not measured), ``tiny``.
+"""
+
+import ml_collections
+
+VARIANTS = ("default", "gpu", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/fmnist.py; expected one of {list(VARIANTS)}")
+  config = ml_collections.ConfigDict()
+  config.mode = "train"
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "fashion_mnist"
+  config.data.options = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = "unet"
+  config.model.kwargs = ml_collections.ConfigDict({
+      "image_size": 28, "in_channels": 1, "model_channels": 16, "channel_mult": (1, 2, 2), "num_blocks": 1,
+      "attn_resolutions": (7,), "dropout": 0.1, "num_classes": 0, "embedding_type": "positional"})
+
+  config.precond = ml_collections.ConfigDict(
+      {"kind": "edm", "sigma_data": 0.7, "sigma_min": 0.002, "sigma_max": 80.0})
+
+  config.train = ml_collections.ConfigDict({
+      "steps": 10_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1_000, "lr_decay": "cosine",
+      "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 2_000, "keep": 2,
+      "sample_every": 5_000, "sample_steps": 18, "num_samples": 64})
+
+  if variant == "gpu":
+    config.model.kwargs.update({"model_channels": 64, "num_blocks": 2, "attn_resolutions": (7, 14)})
+    config.train.update({"steps": 100_000, "batch_size": 256, "lr": 5e-4, "warmup_steps": 2_000,
+                         "ema_decay": 0.9995, "checkpoint_every": 5_000, "sample_every": 10_000})
+  if variant == "tiny":
+    config.model.kwargs.update({"model_channels": 8, "channel_mult": (1, 2), "attn_resolutions": (),
+                                "dropout": 0.0})
+    config.train.update({"steps": 4, "batch_size": 8, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 2,
+                         "sample_steps": 2, "num_samples": 8})
+  return config

@@ -1,0 +1,51 @@
+"""Teacher on a 2-D Gaussian mixture: a residual MLP trained with EDM's objective on samples of the 8-mode ring.
+
+The mixture's density and denoiser are known exactly (``data.get_mixture("ring8")``), which makes this the testbed
+where every few-step method can be scored against the truth. ``ring8`` (radius 0.7, std 0.1) has a per-coordinate
+standard deviation of 0.505, so EDM's preconditioning uses ``sigma_data = 0.5``.
+
+    python -m mteo_jax.main --config=configs/gmm.py --workdir=/tmp/gmm          # 7 min on 2 CPU cores; ~1 min on a GPU
+    python -m mteo_jax.main --config=configs/gmm.py:tiny --workdir=/tmp/gmm_t   # ~20 s on CPU, mostly compiling
+
+Measured on a shared 2-core CPU machine: 20k steps in 7 min, and the EMA teacher's 18-step Heun samples have the
+same mean log-likelihood under the true mixture as held-out data (-0.293 vs -0.293). GPU times are estimates.
+
+Variants: ``default``, ``tiny`` (a 2-block MLP of width 32, a few hundred steps).
+"""
+
+import ml_collections
+
+VARIANTS = ("default", "tiny")
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "default"
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r} of configs/gmm.py; expected one of {list(VARIANTS)}")
+  config = ml_collections.ConfigDict()
+  config.mode = "train"
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "gmm"
+  config.data.options = ml_collections.ConfigDict({"mixture": "ring8", "num_samples": 50_000, "seed": 0})
+
+  config.model = ml_collections.ConfigDict()
+  config.model.backbone = "mlp"
+  config.model.kwargs = ml_collections.ConfigDict(
+      {"data_dim": 2, "width": 128, "depth": 3, "emb_dim": 64, "embedding_type": "fourier"})
+
+  config.precond = ml_collections.ConfigDict(
+      {"kind": "edm", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0})
+
+  config.train = ml_collections.ConfigDict({
+      "steps": 20_000, "batch_size": 512, "lr": 1e-3, "warmup_steps": 500, "lr_decay": "cosine",
+      "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 500, "checkpoint_every": 5_000, "keep": 2,
+      "sample_every": 5_000, "sample_steps": 18, "num_samples": 2_000})
+
+  if variant == "tiny":
+    config.data.options.num_samples = 4_096
+    config.model.kwargs.update({"width": 32, "depth": 2, "emb_dim": 32, "noise_channels": 16})
+    config.train.update({"steps": 300, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20, "log_every": 20,
+                         "checkpoint_every": 100, "sample_every": 0, "sample_steps": 8, "num_samples": 256})
+  return config

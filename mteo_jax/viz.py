@@ -1,0 +1,209 @@
+"""Pictures: sample grids, 2-D scatter plots, labelled comparison grids, bar plots and (log-log) line plots.
+
+Everything writes a PNG (or any format matplotlib/Pillow infer from the suffix) and returns nothing but the path.
+Matplotlib runs with the non-interactive Agg backend so that this works on headless machines and in tests.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.ticker  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+PathLike = str | os.PathLike
+
+
+def _check_images(images, name: str = "images") -> np.ndarray:
+  images = np.asarray(images, np.float32)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3):
+    raise ValueError(f"{name} must have shape [N, H, W, C] with C = 1 or 3, got {images.shape}")
+  if images.shape[0] == 0:
+    raise ValueError(f"{name} is empty")
+  return images
+
+
+def to_uint8(images) -> np.ndarray:
+  """[-1, 1] floats -> [0, 255] uint8 with round-to-nearest (values outside [-1, 1] are clipped)."""
+  return np.clip(np.rint((np.asarray(images, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def image_grid(images, ncol: int | None = None, padding: int = 1) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 picture [rows*(H+p)+p, ncol*(W+p)+p, C], white padding, row-major order."""
+  images = to_uint8(_check_images(images))
+  n, h, w, c = images.shape
+  ncol = ncol or math.ceil(math.sqrt(n))
+  if ncol < 1:
+    raise ValueError(f"ncol must be positive, got {ncol}")
+  nrow = math.ceil(n / ncol)
+  grid = np.full((nrow * (h + padding) + padding, ncol * (w + padding) + padding, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    top, left = padding + (i // ncol) * (h + padding), padding + (i % ncol) * (w + padding)
+    grid[top:top + h, left:left + w] = image
+  return grid
+
+
+def save_image_grid(images, path: PathLike, ncol: int | None = None, *, scale: int = 1) -> PathLike:
+  """Writes images [N, H, W, C] in [-1, 1] as one grid (``ncol`` columns, default square); ``scale`` upsamples
+  every pixel to a ``scale x scale`` block (nearest) so that 8x8 digits stay visible."""
+  if scale < 1:
+    raise ValueError(f"scale must be a positive integer, got {scale}")
+  grid = image_grid(images, ncol)
+  grid = np.repeat(np.repeat(grid, scale, axis=0), scale, axis=1)
+  _make_parent(path)
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  return path
+
+
+def save_scatter(points, path: PathLike, *, reference=None, title: str | None = None,
+                 limit: float | None = None) -> PathLike:
+  """Scatter plot of 2-D points [N, 2] (e.g. GMM samples), optionally over ``reference`` points [M, 2] in grey;
+  ``limit`` fixes both axes to [-limit, limit] so that pictures of a run are comparable."""
+  return _save(scatter_figure(points, reference=reference, title=title, limit=limit), path)
+
+
+def scatter_figure(points, *, reference=None, title: str | None = None, limit: float | None = None) -> plt.Figure:
+  points = _check_points(points, "points")
+  fig, ax = plt.subplots(figsize=(4, 4))
+  if reference is not None:
+    reference = _check_points(reference, "reference")
+    ax.scatter(reference[:, 0], reference[:, 1], s=2.0, c="0.7", label="reference", linewidths=0)
+  ax.scatter(points[:, 0], points[:, 1], s=2.0, c="C0", label="samples", linewidths=0)
+  if reference is not None:
+    ax.legend(loc="upper right", markerscale=4)
+  if limit is not None:
+    ax.set_xlim(-limit, limit)
+    ax.set_ylim(-limit, limit)
+  ax.set_aspect("equal")
+  if title:
+    ax.set_title(title)
+  return fig
+
+
+def _check_points(points, name: str) -> np.ndarray:
+  points = np.asarray(points, np.float32)
+  if points.ndim != 2 or points.shape[1] != 2:
+    raise ValueError(f"{name} must have shape [N, 2], got {points.shape}")
+  return points
+
+
+def save_comparison_grid(rows: Mapping[str, object], path: PathLike, *, title: str | None = None,
+                         scale: float = 1.0) -> PathLike:
+  """One labelled row per entry of ``rows`` ({name: images [N, H, W, C] in [-1, 1]}), column j of every row from the
+  same initial noise (teacher vs base solver vs MTEO). All rows need the same N, H, W, C."""
+  if not rows:
+    raise ValueError("rows is empty; expected {name: images [N, H, W, C]}")
+  arrays = {name: _check_images(images, f"rows[{name!r}]") for name, images in rows.items()}
+  shapes = {name: a.shape for name, a in arrays.items()}
+  if len(set(shapes.values())) != 1:
+    raise ValueError(f"every row needs the same shape [N, H, W, C] (one column per noise), got {shapes}")
+  n = next(iter(arrays.values())).shape[0]
+  strips = [image_grid(a, ncol=n) for a in arrays.values()]
+  # Size the figure so that every strip keeps its aspect ratio: about 0.7 inch per picture, 1.5 inch for labels.
+  fig_width = scale * min(16.0, 1.5 + 0.7 * n)
+  row_height = (fig_width - 1.5 * scale) * strips[0].shape[0] / strips[0].shape[1]
+  fig, axes = plt.subplots(len(strips), 1, squeeze=False,
+                           figsize=(fig_width, len(strips) * row_height + (0.5 if title else 0.2)))
+  for ax, name, strip in zip(axes[:, 0], arrays, strips):
+    ax.imshow(strip[..., 0] if strip.shape[-1] == 1 else strip, cmap="gray", vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_ylabel(name, rotation=0, ha="right", va="center")
+  if title:
+    fig.suptitle(title)
+  return _save(fig, path)
+
+
+def save_bar_plot(values: Mapping[str, float], path: PathLike, *, errors: Mapping[str, float] | None = None,
+                  ylabel: str = "", title: str | None = None, log_y: bool = False) -> PathLike:
+  """Bars of ``values`` ({label: value}) in the given order, optional error bars ``errors`` ({label: +-error})."""
+  figure = bar_plot_figure(values, errors=errors, ylabel=ylabel, title=title, log_y=log_y)
+  return _save(figure, path)
+
+
+def bar_plot_figure(values: Mapping[str, float], *, errors: Mapping[str, float] | None = None, ylabel: str = "",
+                    title: str | None = None, log_y: bool = False) -> plt.Figure:
+  if not values:
+    raise ValueError("values is empty; expected {label: value}")
+  labels, heights = list(values), [float(v) for v in values.values()]
+  if log_y and min(heights) <= 0:
+    raise ValueError(f"log_y needs positive values, got {dict(zip(labels, heights))}")
+  yerr = None
+  if errors is not None:
+    missing = set(labels) - set(errors)
+    if missing:
+      raise ValueError(f"errors lacks the labels {sorted(missing)}")
+    yerr = [float(errors[k]) for k in labels]
+  fig, ax = plt.subplots(figsize=(max(3.0, 0.6 * len(labels) + 1.5), 3.5))
+  ax.bar(range(len(labels)), heights, yerr=yerr, color=[f"C{i % 10}" for i in range(len(labels))], capsize=3)
+  ax.set_xticks(range(len(labels)), labels, rotation=30 if len(labels) > 4 else 0, ha="right" if len(labels) > 4
+                else "center")
+  if log_y:
+    ax.set_yscale("log")
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  return fig
+
+
+def save_line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: PathLike, *,
+                   xlabel: str = "", ylabel: str = "", title: str | None = None, log_x: bool = True,
+                   log_y: bool = True) -> PathLike:
+  """Lines ({label: (x, y)}) with markers; log-log by default (error vs NFE, order of convergence)."""
+  return _save(line_plot_figure(curves, xlabel=xlabel, ylabel=ylabel, title=title, log_x=log_x, log_y=log_y), path)
+
+
+def line_plot_figure(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, xlabel: str = "",
+                     ylabel: str = "", title: str | None = None, log_x: bool = True,
+                     log_y: bool = True) -> plt.Figure:
+  if not curves:
+    raise ValueError("curves is empty; expected {label: (x, y)}")
+  fig, ax = plt.subplots(figsize=(4.5, 3.5))
+  for label, (x, y) in curves.items():
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+      raise ValueError(f"curve {label!r} needs 1-D x and y of equal length, got {x.shape} and {y.shape}")
+    for axis, values, log in (("x", x, log_x), ("y", y, log_y)):
+      if log and np.any(values <= 0):
+        raise ValueError(f"curve {label!r} has non-positive {axis} values; a log {axis} axis needs positive values "
+                         f"(pass log_{axis}=False)")
+    ax.plot(x, y, marker="o", markersize=3, label=label)
+  ax.set_xscale("log" if log_x else "linear")
+  ax.set_yscale("log" if log_y else "linear")
+  ticks = np.unique(np.concatenate([np.asarray(x, np.float64) for x, _ in curves.values()]))
+  if log_x and len(ticks) <= 12:
+    # A few x values such as NFE 3, 5, 9: label them plainly instead of as powers of ten.
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.grid(True, which="both", alpha=0.3)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  return fig
+
+
+def _make_parent(path: PathLike) -> None:
+  parent = os.path.dirname(os.fspath(path))
+  if parent:
+    os.makedirs(parent, exist_ok=True)
+
+
+def _save(fig: plt.Figure, path: PathLike) -> PathLike:
+  _make_parent(path)
+  try:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+  finally:
+    plt.close(fig)  # figures are global state in pyplot; leaking them grows memory over a long run
+  return path
