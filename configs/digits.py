@@ -12,12 +12,17 @@ is the ``sigma_data`` of EDM's preconditioning here.
 Measured on a shared 2-core CPU machine: ~3 steps/s (4000 steps in 31 min give recognisable digits); a GPU should
 take a few minutes for the 10k steps (an estimate, not measured).
 
-Variants: ``default``, ``cond``, ``tiny`` (one 8x8 level of 8 channels, a few steps).
+MTEO main job on the shipped teacher (references -> MTEO at NFE 3 -> held-out evaluation):
+
+    python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=runs/digits_mteo        # ~15 min on 2 CPU cores
+    python -m mteo_jax.main --config=configs/digits.py:mteo_full --workdir=runs/digits_full   # NFE 3, 4 and 5
+
+Variants: ``mteo``, ``mteo_full``, ``default``, ``cond``, ``tiny`` (one 8x8 level of 8 channels, a few steps).
 """
 
 import ml_collections
 
-VARIANTS = ("default", "cond", "tiny")
+VARIANTS = ("default", "cond", "tiny", "mteo", "mteo_full")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,4 +58,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "dropout": 0.0})
     config.train.update({"steps": 6, "batch_size": 16, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 3,
                          "sample_steps": 2, "num_samples": 16})
+  if variant in ("mteo", "mteo_full"):
+    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_digits, made by the default variant with
+    # --config.train.steps=4000 --config.train.warmup_steps=200); every other key: experiment.MTEOJobConfig.
+    config.mode = "mteo"
+    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:digits",
+                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"),
+                                             "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
   return config

@@ -16,7 +16,6 @@ import tqdm
 
 from mteo_jax import data as data_lib
 from mteo_jax import parallel
-from mteo_jax.checkpoints import Checkpointer
 
 
 @flax.struct.dataclass
@@ -91,6 +90,7 @@ def fit(loss_fn: Callable[[Any, Any, dict], jax.Array], trainable: Any, params: 
   state = init_state(jax.tree.map(jnp.copy, trainable), optimizer)
   checkpointer = None
   if checkpoint_dir is not None:
+    from mteo_jax.checkpoints import Checkpointer  # noqa: PLC0415 (orbax is slow to import)
     checkpointer = Checkpointer(checkpoint_dir, max_to_keep=2, save_interval_steps=max(checkpoint_every, 1))
     if checkpointer.latest_step() is not None:
       stored = checkpointer.metadata()

@@ -24,13 +24,14 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mteo_jax import train
+from mteo_jax import experiment, train
 from mteo_jax.registry import Registry
 
 Mode = Callable[[ml_collections.ConfigDict, str], None]
 
 MODES: Registry[Mode] = Registry("mode")
 MODES.register("train")(train.train_mode)
+MODES.register("mteo")(experiment.mteo_mode)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/gmm.py or configs/gmm.py:tiny (variant after the colon).",

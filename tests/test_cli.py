@@ -104,3 +104,15 @@ def test_config_variants_build(name):
       assert 50e6 < count < 65e6, count  # DDPM++ CIFAR-10 size: EDM reports 56M; our UNet at its defaults has 61M
   with pytest.raises(ValueError, match="unknown variant"):
     module.get_config("huge")
+
+
+@pytest.mark.parametrize("name, variants", [("gmm", ("mteo", "mteo_full")), ("digits", ("mteo", "mteo_full")),
+                                            ("fmnist", ("mteo",))])
+def test_mteo_variants_build(name, variants):
+  from mteo_jax import config_utils, experiment  # noqa: PLC0415
+  module = load_config_file(name)
+  for variant in variants:
+    config = module.get_config(variant)
+    assert config.mode == "mteo" and "mteo" in main.MODES
+    job = config_utils.from_dict(experiment.MTEOJobConfig, config_utils.to_plain(config.mteo), where="mteo")
+    assert job.teacher == f"pretrained:{name}" and job.nfes == ((3, 4, 5) if variant == "mteo_full" else (3,))

@@ -67,7 +67,8 @@ class ResBlock(nn.Module):
 
 
 class UNet(LiftedTimeEmbedding):
-  """x [B, H, W, C] -> F(x) [B, H, W, C]. Defaults follow EDM's DDPM++ at CIFAR-10 size (56M parameters)."""
+  """x [B, H, W, C] -> F(x) [B, H, W, C]. Defaults follow EDM's DDPM++ at CIFAR-10 size (61M parameters here; EDM
+  reports 56M for its own)."""
   image_size: int = 32
   in_channels: int = 3
   out_channels: int | None = None
