@@ -147,8 +147,9 @@ class Evaluator:
       self.real_stats = metrics.feature_stats(feature_net, real)  # once, not per evaluated method
 
   def __call__(self, samples: np.ndarray) -> dict[str, Any]:
+    psnr = float(metrics.psnr(samples, self.reference_final))
     row = {"rmse": float(metrics.rmse(samples, self.reference_final)),
-           "psnr": float(metrics.psnr(samples, self.reference_final)),
+           "psnr": psnr if np.isfinite(psnr) else None,  # the reference against itself: strict JSON has no inf
            "n_eval": int(samples.shape[0])}
     if self.real_stats is not None:
       row["fd"] = float(metrics.frechet_distance(*metrics.feature_stats(self.feature_net, samples), *self.real_stats))
@@ -229,8 +230,8 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     samples, seconds_per_1k = timed_samples(fn, job.eval_batch_size, x_T_eval, label_eval)
     row = {"method": method, "solver": solver_name, "nfe": nfe, **evaluate(samples), "train_seconds": train_seconds,
            "sample_seconds_per_1k": seconds_per_1k, **(extra or {})}
-    logging.info("%-8s %-9s NFE %d: RMSE %.4f  PSNR %.2f%s", method, solver_name, nfe, row["rmse"], row["psnr"],
-                 f"  {row['fd_name']} {row['fd']:.3f}" if "fd" in row else "")
+    logging.info("%-8s %-9s NFE %d: RMSE %.4f  PSNR %.2f%s", method, solver_name, nfe, row["rmse"],
+                 row["psnr"] or np.inf, f"  {row['fd_name']} {row['fd']:.3f}" if "fd" in row else "")
     return row, samples
 
   rows, grid_rows = [], {"reference": eval_ref.final[:job.grid_size]}

@@ -67,7 +67,7 @@ def test_tiny_config_trains_end_to_end(tmp_path, name, overrides, steps):
 def test_unknown_mode_lists_the_valid_ones(tmp_path):
   config = load_config_file("gmm").get_config("tiny")
   config.mode = "distil"
-  with pytest.raises(ValueError, match=r"unknown mode 'distil'; expected one of \['train'"):
+  with pytest.raises(ValueError, match=r"unknown mode 'distil'; expected one of \['mteo', 'train'\]"):
     main.run(config, tmp_path)
   del config["mode"]
   with pytest.raises(ValueError, match="no 'mode'"):
