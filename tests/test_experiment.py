@@ -79,3 +79,18 @@ def test_shipped_gmm_teacher_main_job(tmp_path):
   tuned = next(r for r in results["rows"] if r["method"] == "mteo" and r["solver"] == "euler")
   assert {"sliced_wasserstein", "log_likelihood"} <= set(tuned) and "fd" not in tuned
   assert (tmp_path / "samples_euler_MTEO.png").exists() and (tmp_path / "samples_reference.png").exists()
+
+
+def test_sampling_time_benchmark_runs(tmp_path):
+  """A smoke run of benchmarks/mteo_sampling_time.py (the ratio itself is a measurement, not asserted here)."""
+  import importlib.util  # noqa: PLC0415
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                      "mteo_sampling_time.py")
+  spec = importlib.util.spec_from_file_location("mteo_sampling_time", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  payload = module.main(["--quick", "--out-dir", os.fspath(tmp_path)])
+  on_disk = json.loads((tmp_path / "mteo_sampling_time.json").read_text())
+  assert set(on_disk["results"]) == {"euler", "dpmpp_2m"} == set(payload["results"])
+  assert all(r["ratio"] > 0 for r in on_disk["results"].values())
+  assert (tmp_path / "mteo_sampling_time.png").exists()
