@@ -317,6 +317,9 @@ def _pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[dict],
       viz.save_scatter(points, workdir / f"samples_{name.replace(' + ', '_').replace(' ', '_')}.png",
                        reference=None if name == "reference" else reference, title=name)
   nfe = job.nfes[0]
-  bars = {f"{r['solver']}\n{r['method']}": r["rmse"] for r in rows if r["nfe"] == nfe and r["method"] in
-          ("base", "mteo")}
-  viz.save_bar_plot(bars, workdir / "rmse_bars.png", ylabel=f"RMSE to reference (held-out, NFE {nfe})")
+  groups: dict[str, dict[str, float]] = {}
+  for r in rows:
+    if r["nfe"] == nfe and r["method"] in ("base", "mteo"):
+      groups.setdefault(r["solver"], {})["base solver" if r["method"] == "base" else "+ MTEO"] = r["rmse"]
+  viz.save_grouped_bar_plot(groups, workdir / "rmse_bars.png", ylabel="RMSE to reference",
+                            title=f"held-out noise, NFE {nfe}")

@@ -155,6 +155,33 @@ def bar_plot_figure(values: Mapping[str, float], *, errors: Mapping[str, float] 
   return fig
 
 
+def save_grouped_bar_plot(groups: Mapping[str, Mapping[str, float]], path: PathLike, *, ylabel: str = "",
+                          title: str | None = None) -> PathLike:
+  """Bars grouped along x (``{group: {series: value}}``, e.g. {solver: {"base": rmse, "mteo": rmse}}), one colour
+  and legend entry per series; a series missing from a group leaves a gap."""
+  return _save(grouped_bar_plot_figure(groups, ylabel=ylabel, title=title), path)
+
+
+def grouped_bar_plot_figure(groups: Mapping[str, Mapping[str, float]], *, ylabel: str = "",
+                            title: str | None = None) -> plt.Figure:
+  if not groups or not all(groups.values()):
+    raise ValueError("groups must be a non-empty {group: {series: value}} with a non-empty mapping per group")
+  series = list(dict.fromkeys(name for values in groups.values() for name in values))
+  width = 0.8 / len(series)
+  fig, ax = plt.subplots(figsize=(max(3.5, 0.5 * len(groups) * len(series) + 1.5), 3.5))
+  for k, name in enumerate(series):
+    positions = [g + (k - (len(series) - 1) / 2) * width for g, values in enumerate(groups.values()) if name in values]
+    heights = [float(values[name]) for values in groups.values() if name in values]
+    ax.bar(positions, heights, width, label=name, color=f"C{k % 10}")
+  ax.set_xticks(range(len(groups)), list(groups))
+  ax.set_ylabel(ylabel)
+  ax.legend()
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  return fig
+
+
 def save_line_plot(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], path: PathLike, *,
                    xlabel: str = "", ylabel: str = "", title: str | None = None, log_x: bool = True,
                    log_y: bool = True) -> PathLike:

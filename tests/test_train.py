@@ -313,6 +313,11 @@ def test_plots_write_files_and_check_input(tmp_path):
   assert os.path.getsize(viz.save_bar_plot({"euler": 0.3, "mteo": 0.1}, tmp_path / "b.png",
                                            errors={"euler": 0.01, "mteo": 0.02})) > 0
   assert viz.bar_plot_figure({"a": 1.0}, log_y=True).axes[0].get_yscale() == "log"
+  grouped = viz.grouped_bar_plot_figure({"euler": {"base": 0.3, "mteo": 0.1}, "heun": {"base": 0.2}})
+  assert [t.get_text() for t in grouped.axes[0].get_legend().get_texts()] == ["base", "mteo"]
+  assert len(grouped.axes[0].patches) == 3  # the missing (heun, mteo) bar is a gap
+  with pytest.raises(ValueError, match="non-empty"):
+    viz.grouped_bar_plot_figure({"euler": {}})
   with pytest.raises(ValueError, match="positive"):
     viz.save_bar_plot({"a": 0.0}, tmp_path / "b0.png", log_y=True)
   curves = {"euler": ([3, 5, 9], [0.3, 0.1, 0.03])}
