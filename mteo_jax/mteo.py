@@ -15,6 +15,10 @@ denoiser as the backbone does. ``granularity="shared"`` learns one vector per ev
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import pathlib
+import shutil
 from typing import Any, Callable
 
 import jax
@@ -173,21 +177,49 @@ def table_metadata(teacher_hash: str, solver_name: str, solver_options: dict, sc
 
 
 def save_table(path: str, table: Table, metadata: dict, *, overwrite: bool = False) -> None:
-  """The table with orbax plus its metadata JSON (``table_metadata``); an existing artefact is never overwritten
-  unless ``overwrite``."""
-  from mteo_jax import checkpoints  # noqa: PLC0415 (orbax is slow to import; only the artefact needs it)
+  """The table as an orbax checkpoint (``path/table``) with its metadata beside it (``path/metadata.json``).
+
+  Written to a staging directory and renamed into place, so an interrupted save leaves nothing half-written; an
+  existing artefact is never replaced unless ``overwrite``, and then only if it is an MTEO table.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415 (slow to import; only the artefact needs it)
   if metadata.get("format") != TABLE_FORMAT:
     raise ValueError(f"metadata must come from table_metadata() (format {TABLE_FORMAT!r})")
-  checkpoints.save_pytree(path, jax.device_get(table), metadata, overwrite=overwrite)
+  path = pathlib.Path(path).absolute()
+  if path.exists():
+    if not overwrite:
+      raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    _read_table_metadata(path)  # refuses to delete anything that is not a table artefact
+  staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
+  shutil.rmtree(staging, ignore_errors=True)
+  staging.mkdir(parents=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(staging / "table", jax.device_get(table))
+  checkpointer.wait_until_finished()
+  (staging / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+  if path.exists():
+    shutil.rmtree(path)
+  staging.rename(path)
+
+
+def _read_table_metadata(path: pathlib.Path) -> dict:
+  try:
+    metadata = json.loads((path / "metadata.json").read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{path} is not an MTEO table: no readable metadata.json ({e})") from None
+  if metadata.get("format") != TABLE_FORMAT:
+    raise ValueError(f"{path} is not an MTEO table (format {metadata.get('format')!r}, expected {TABLE_FORMAT!r})")
+  return metadata
 
 
 def load_table(path: str, *, teacher_hash: str, solver_name: str, nfe: int, solver_options: dict | None = None,
                sigmas: Any = None) -> tuple[Table, dict]:
   """Loads a table, checking that it belongs to this teacher, solver and NFE (and sigmas, when given)."""
-  from mteo_jax import checkpoints  # noqa: PLC0415
-  metadata = checkpoints.load_metadata(path)
-  if metadata.get("format") != TABLE_FORMAT:
-    raise ValueError(f"{path} is not an MTEO table (format {metadata.get('format')!r}, expected {TABLE_FORMAT!r})")
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"no MTEO table at {path}")
+  metadata = _read_table_metadata(path)
   expected = {"teacher": teacher_hash, "solver": solver_name, "nfe": nfe}
   if solver_options is not None:
     expected["solver_options"] = dict(solver_options)
@@ -199,7 +231,8 @@ def load_table(path: str, *, teacher_hash: str, solver_name: str, nfe: int, solv
       mismatches.append(f"sigmas: table has {metadata['sigmas']}, expected {wanted}")
   if mismatches:
     raise ValueError(f"the MTEO table at {path} does not belong to this run: " + "; ".join(mismatches))
-  table = {name: jnp.asarray(leaf) for name, leaf in checkpoints.load_pytree(path).items()}
+  stored = ocp.StandardCheckpointer().restore(path / "table")
+  table = {name: jnp.asarray(leaf) for name, leaf in stored.items()}
   if table_nfe(table) != nfe:
     raise ValueError(f"the MTEO table at {path} has {table_nfe(table)} rows, expected {nfe}")
   return table, metadata

@@ -1,6 +1,8 @@
 """MTEO: the untrained table is the base solver, training moves only the table and lowers the loss, the artefact
 knows what it belongs to, and the options change behaviour."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -170,5 +172,15 @@ def test_artefact_round_trip_and_mismatch_errors(teacher, tmp_path):
     mteo.load_table(path, teacher_hash="teacher-hash", solver_name="euler", nfe=3)
   with pytest.raises(ValueError, match="nfe: table has 3, expected 4"):
     mteo.load_table(path, teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=4)
-  with pytest.raises(Exception, match="exist"):
+  assert sorted(os.listdir(path)) == ["metadata.json", "table"]  # an orbax checkpoint and its JSON
+  with pytest.raises(FileExistsError, match="already exists"):
     mteo.save_table(path, table, meta)  # never silently overwritten
+  mteo.save_table(path, jax.tree.map(lambda t: t + 1, table), meta, overwrite=True)
+  reloaded, _ = mteo.load_table(path, teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3)
+  np.testing.assert_allclose(reloaded["block00"], table["block00"] + 1)
+  (tmp_path / "other").mkdir()
+  with pytest.raises(ValueError, match="not an MTEO table"):
+    mteo.save_table(str(tmp_path / "other"), table, meta, overwrite=True)  # refuses to delete a foreign directory
+  assert (tmp_path / "other").exists()
+  with pytest.raises(FileNotFoundError, match="no MTEO table"):
+    mteo.load_table(str(tmp_path / "missing"), teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3)
