@@ -28,7 +28,7 @@ from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
 
 
-def _median_seconds(fn, x_T, repeats: int) -> list[float]:
+def _repeat_seconds(fn, x_T, repeats: int) -> list[float]:
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
@@ -38,7 +38,7 @@ def _median_seconds(fn, x_T, repeats: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-  teacher = Teacher(resolve_teacher(args.teacher), seed=0)
+  teacher = Teacher(resolve_teacher(args.teacher))
   precond = teacher.precond
   x_T = reference_noise(args.seed, args.batch_size, teacher.data_shape, precond.sigma_max)
   results = {}
@@ -56,8 +56,8 @@ def run(args: argparse.Namespace) -> dict:
     jax.block_until_ready((plain(x_T), with_table(x_T)))  # compile both first
     plain_times, table_times = [], []
     for _ in range(args.rounds):  # interleaved, so that drifts of the machine hit both alike
-      plain_times += _median_seconds(plain, x_T, args.repeats)
-      table_times += _median_seconds(with_table, x_T, args.repeats)
+      plain_times += _repeat_seconds(plain, x_T, args.repeats)
+      table_times += _repeat_seconds(with_table, x_T, args.repeats)
     plain_s, table_s = statistics.median(plain_times), statistics.median(table_times)
     results[name] = {"plain_seconds": plain_s, "table_seconds": table_s, "ratio": table_s / plain_s,
                      "plain_all": plain_times, "table_all": table_times}

@@ -78,6 +78,11 @@ def noise_seeds(seed: int) -> tuple[int, int]:
   return train_seed, eval_seed
 
 
+def label_seed(noise_seed: int) -> int:
+  """The seed of a conditional teacher's labels for the noise of ``noise_seed`` (part of the reference key)."""
+  return noise_seed + 10_000
+
+
 def resolve_teacher(spec: str) -> Path:
   """``pretrained:<name>`` -> the shipped teacher ``mteo_jax/pretrained/teacher_<name>``; anything else is a path."""
   if spec.startswith("pretrained:"):
@@ -97,17 +102,17 @@ def resolve_teacher(spec: str) -> Path:
 class Teacher:
   """A loaded teacher with its identity and its real data for the Fréchet distance."""
 
-  def __init__(self, path: Path, seed: int):
+  def __init__(self, path: Path):
     self.backbone, self.params, self.precond, self.metadata = load_teacher(path)
     self.identity = hash_json({"net": teacher_identity(self.params, self.backbone),
                                "precond": dataclasses.asdict(self.precond)})
     self.data_shape = self.backbone.data_shape
-    self.seed = seed
 
-  def labels(self, seed: int, num: int) -> np.ndarray | None:
+  def labels(self, noise_seed: int, num: int) -> np.ndarray | None:
+    """Class labels drawn beside the noise of ``noise_seed`` (from ``label_seed(noise_seed)``)."""
     if not self.backbone.num_classes:
       return None
-    return np.asarray(jax.random.randint(jax.random.key(seed + 10_000), (num,), 0, self.backbone.num_classes))
+    return np.asarray(jax.random.randint(jax.random.key(label_seed(noise_seed)), (num,), 0, self.backbone.num_classes))
 
   def denoiser_with_label(self, x, sigma, temb=None, label=None):
     return make_denoiser(self.backbone, self.params, self.precond, label)(x, sigma, temb)
@@ -193,7 +198,7 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   job = config_utils.from_dict(MTEOJobConfig, config_utils.to_plain(config.mteo), where="mteo")
   seed = int(config.seed)
   train_seed, eval_seed = noise_seeds(seed)
-  teacher = Teacher(resolve_teacher(job.teacher), seed)
+  teacher = Teacher(resolve_teacher(job.teacher))
   precond = teacher.precond
   x_T_train = np.asarray(reference_noise(train_seed, job.num_train, teacher.data_shape, precond.sigma_max))
   x_T_eval = np.asarray(reference_noise(eval_seed, job.num_eval, teacher.data_shape, precond.sigma_max))
@@ -203,7 +208,7 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   def reference(x_T, labels, noise_seed, sigmas):
     ref = job.reference
     key = reference_key(teacher.identity, precond, noise_seed, x_T.shape[0], teacher.data_shape, sigmas, ref.solver,
-                        ref.rtol, ref.atol, label_seed=None if labels is None else noise_seed + 10_000)
+                        ref.rtol, ref.atol, label_seed=None if labels is None else label_seed(noise_seed))
     return cache.get_or_compute(key, lambda: reference_trajectories(
         teacher.denoiser_with_label, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
         batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),

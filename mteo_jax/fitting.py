@@ -4,7 +4,6 @@ bar, checkpoints and resume."""
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import flax
@@ -104,7 +103,6 @@ def fit(loss_fn: Callable[[Any, Any, dict], jax.Array], trainable: Any, params: 
   start = int(state.step)
   bar = tqdm.tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps,
                   dynamic_ncols=True, mininterval=2.0)
-  begin = time.perf_counter()
   for step in bar:
     batch = parallel.shard_batch(trajectory_batch(train_data, batch_size, seed, step), mesh)
     state, metrics = step_fn(state, params, batch)
@@ -124,5 +122,4 @@ def fit(loss_fn: Callable[[Any, Any, dict], jax.Array], trainable: Any, params: 
   if checkpointer is not None:
     checkpointer.wait_until_finished()
     checkpointer.close()
-  history["seconds"] = [time.perf_counter() - begin]
   return jax.device_get(state.trainable), history

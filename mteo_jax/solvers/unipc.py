@@ -40,14 +40,19 @@ def _differences(h: jax.Array, sigma: jax.Array, sigmas_hist: Sequence[jax.Array
   return rks, d1s
 
 
+
+def _check_history(name: str, order: int, sigmas_hist: Sequence[jax.Array], x0_hist: Sequence[jax.Array]) -> None:
+  if order not in (1, 2, 3):
+    raise ValueError(f"{name} supports orders 1, 2, 3; got {order}")
+  if len(sigmas_hist) < order or len(x0_hist) < order:
+    raise ValueError(f"order {order} needs {order} history entries, got {len(sigmas_hist)} and {len(x0_hist)}")
+
+
 @jit_when_eager(static_argnames=("order",))
 def unip_update(x: jax.Array, sigma_next: jax.Array, sigmas_hist: Sequence[jax.Array],
                 x0_hist: Sequence[jax.Array], order: int) -> jax.Array:
   """UniP-``order`` from ``sigmas_hist[0]`` to ``sigma_next``; histories most recent first (``order`` entries)."""
-  if order not in (1, 2, 3):
-    raise ValueError(f"UniP supports orders 1, 2, 3; got {order}")
-  if len(sigmas_hist) < order or len(x0_hist) < order:
-    raise ValueError(f"order {order} needs {order} history entries, got {len(sigmas_hist)} and {len(x0_hist)}")
+  _check_history("UniP", order, sigmas_hist, x0_hist)
   sigma = sigmas_hist[0]
   h = log_ratio(sigma, sigma_next)
   phi_values = phis(3 if order == 3 else 1, -h)
@@ -68,10 +73,7 @@ def unic_update(x_prev: jax.Array, sigma: jax.Array, sigmas_hist: Sequence[jax.A
 
   ``x0_hist``: denoiser outputs at ``sigmas_hist`` (most recent first); ``x0_new``: the denoiser at the predicted state.
   """
-  if order not in (1, 2, 3):
-    raise ValueError(f"UniC supports orders 1, 2, 3; got {order}")
-  if len(sigmas_hist) < order or len(x0_hist) < order:
-    raise ValueError(f"order {order} needs {order} history entries, got {len(sigmas_hist)} and {len(x0_hist)}")
+  _check_history("UniC", order, sigmas_hist, x0_hist)
   sigma_prev = sigmas_hist[0]
   h = log_ratio(sigma_prev, sigma)
   phi_values = phis(order + 1 if order > 1 else 1, -h)
