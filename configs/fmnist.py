@@ -4,22 +4,24 @@ Data come from the IDX files of Debian's ``dataset-fashion-mnist`` (``/usr/share
 from tfds ``fashion_mnist`` (see ``mteo_jax.data``). Unconditional, like the digits teacher, so that later few-step
 comparisons start from noise alone. Images in [-1, 1] have a pixel standard deviation of 0.71: ``sigma_data = 0.7``.
 
-    python -m mteo_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist       # small UNet: ~2 h on 2 CPU cores
+    python -m mteo_jax.main --config=configs/fmnist.py --workdir=/tmp/fmnist       # small UNet: ~45 min on 2 CPU cores
     python -m mteo_jax.main --config=configs/fmnist.py:gpu --workdir=/tmp/fmnist   # larger UNet: ~1-2 h on one GPU
     python -m mteo_jax.main --config=configs/fmnist.py:tiny --workdir=/tmp/fmnist_t  # ~1 min on CPU (smoke test)
 
-MTEO main job (needs a teacher: pretrained:fmnist, or --config.mteo.teacher=WORKDIR/teacher):
+MTEO main job on the shipped teacher (pretrained:fmnist; or --config.mteo.teacher=WORKDIR/teacher for your own):
 
-    python -m mteo_jax.main --config=configs/fmnist.py:mteo --workdir=runs/fmnist_mteo
+    python -m mteo_jax.main --config=configs/fmnist.py:mteo --workdir=runs/fmnist_mteo        # NFE 3
+    python -m mteo_jax.main --config=configs/fmnist.py:mteo_full --workdir=runs/fmnist_full   # NFE 3, 4 and 5
 
-Variants: ``mteo``, ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 10k steps of 32; measured 0.6 s per step on a
-shared 2-core CPU machine), ``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
+Variants: ``mteo``, ``mteo_full``, ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 6k steps of 32;
+measured 2.3-3 steps/s on a 2-core CPU machine with nothing else running, 0.6 s per step when it shares the cores),
+``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
 of 256; the GPU time is an estimate, not measured), ``tiny``.
 """
 
 import ml_collections
 
-VARIANTS = ("default", "gpu", "tiny", "mteo")
+VARIANTS = ("default", "gpu", "tiny", "mteo", "mteo_full")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -44,7 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       {"kind": "edm", "sigma_data": 0.7, "sigma_min": 0.002, "sigma_max": 80.0})
 
   config.train = ml_collections.ConfigDict({
-      "steps": 10_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1_000, "lr_decay": "cosine",
+      "steps": 6_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1_000, "lr_decay": "cosine",
       "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 2_000, "keep": 2,
       "sample_every": 5_000, "sample_steps": 18, "num_samples": 64})
 
@@ -57,10 +59,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "dropout": 0.0})
     config.train.update({"steps": 4, "batch_size": 8, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 2,
                          "sample_steps": 2, "num_samples": 8})
-  if variant == "mteo":
-    # The main job on a Fashion-MNIST teacher: pretrained:fmnist once one is shipped, else --config.mteo.teacher=DIR
-    # (a training run's WORKDIR/teacher).
+  if variant in ("mteo", "mteo_full"):
+    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_fmnist, made by the default variant), or
+    # --config.mteo.teacher=DIR (a training run's WORKDIR/teacher). A 28x28 network evaluation costs ~4x a digits one
+    # on CPU: 512 training trajectories and 200 steps per (solver, NFE) keep the job near an hour on 2 cores.
     config.mode = "mteo"
     config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:fmnist", "eval_batch_size": 250,
-                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"), "nfes": (3,)})
+                                             "num_train": 512, "steps": 200,
+                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"),
+                                             "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
   return config

@@ -26,7 +26,8 @@ from mteo_jax import config_utils, fitting, metrics, mteo, viz
 from mteo_jax import data as data_lib
 from mteo_jax.hashing import hash_json
 from mteo_jax.nets import make_denoiser
-from mteo_jax.reference import ReferenceCache, reference_key, reference_noise, reference_trajectories, teacher_identity
+from mteo_jax.reference import (ReferenceCache, reference_key, reference_noise, reference_trajectories, teacher_identity,
+                                union_sigmas)
 from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
 from mteo_jax.train import load_teacher
@@ -248,49 +249,50 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     rows.append({"method": "reference", "solver": job.reference.solver, "nfe": int(np.mean(eval_ref.nfe)),
                  **evaluate(eval_ref.final), "train_seconds": 0.0, "sample_seconds_per_1k": None})
   loss_config = mteo.LossConfig(job.distance, job.intermediate_weight, job.huber_c)
-  for nfe in job.nfes:
-    for solver_name in job.solvers:
-      solver = get_solver(solver_name)
-      num_steps = solver.num_steps_for_nfe(nfe)
-      schedule_options = {"rho": job.rho} if job.schedule == "edm" else {}
-      sigmas = get_schedule(job.schedule, num_steps, precond.sigma_min, precond.sigma_max, **schedule_options)
-      tag = f"{solver_name}_nfe{nfe}"
-      base_row, base_samples = score("base", solver_name, nfe, solver, sigmas, None, 0.0)
-      rows.append(base_row)
-      train_ref = reference(x_T_train, label_train, train_seed, np.asarray(sigmas))
-      train_data = {"x_T": x_T_train, "ref": np.swapaxes(train_ref.states, 0, 1)}
-      if label_train is not None:
-        train_data["label"] = label_train
-      table = mteo.init_table(teacher.backbone, teacher.params, precond, solver.eval_sigmas(sigmas), job.granularity)
-      held_out = sampler(solver, sigmas)
-      num_monitor = min(256, job.num_eval)
+  schedule_options = {"rho": job.rho} if job.schedule == "edm" else {}
+  runs = [(nfe, solver_name, get_solver(solver_name)) for nfe in job.nfes for solver_name in job.solvers]
+  grids = [np.asarray(get_schedule(job.schedule, solver.num_steps_for_nfe(nfe), precond.sigma_min, precond.sigma_max,
+                                   **schedule_options)) for nfe, _, solver in runs]
+  # One reference solve of the training noise, saved at every student's sigmas (all NFEs and solvers at once).
+  train_sigmas, train_index = union_sigmas(grids)
+  train_ref = reference(x_T_train, label_train, train_seed, train_sigmas)
+  for (nfe, solver_name, solver), sigmas, index in zip(runs, grids, train_index):
+    tag = f"{solver_name}_nfe{nfe}"
+    base_row, base_samples = score("base", solver_name, nfe, solver, sigmas, None, 0.0)
+    rows.append(base_row)
+    train_data = {"x_T": x_T_train, "ref": np.swapaxes(train_ref.states[index], 0, 1)}
+    if label_train is not None:
+      train_data["label"] = label_train
+    table = mteo.init_table(teacher.backbone, teacher.params, precond, solver.eval_sigmas(sigmas), job.granularity)
+    held_out = sampler(solver, sigmas)
+    num_monitor = min(256, job.num_eval)
 
-      def held_out_rmse(table, held_out=held_out):
-        samples = held_out(table, x_T_eval[:num_monitor], None if label_eval is None else label_eval[:num_monitor])
-        return metrics.rmse(np.asarray(samples), eval_ref.final[:num_monitor])
+    def held_out_rmse(table, held_out=held_out):
+      samples = held_out(table, x_T_eval[:num_monitor], None if label_eval is None else label_eval[:num_monitor])
+      return metrics.rmse(np.asarray(samples), eval_ref.final[:num_monitor])
 
-      run_metadata = {"teacher": teacher.identity, "solver": solver_name, "nfe": nfe, "job": config_utils.to_plain(job),
-                      "seed": seed}
-      start = time.perf_counter()
-      table, history = fitting.fit(
-          mteo.make_loss_fn(solver, teacher.backbone, precond, sigmas, loss_config), table, teacher.params,
-          train_data, fitting.make_optimizer(job.learning_rate, job.steps, job.warmup_steps, job.grad_clip,
-                                             job.lr_schedule),
-          steps=job.steps, batch_size=min(job.batch_size, job.num_train), seed=train_seed, eval_fn=held_out_rmse,
-          eval_every=job.eval_every, checkpoint_dir=str((workdir / "checkpoints" / tag).absolute()),
-          checkpoint_every=job.checkpoint_every, metadata=run_metadata, progress=job.progress,
-          desc=f"MTEO {solver_name} NFE {nfe}")
-      train_seconds = time.perf_counter() - start
-      meta = mteo.table_metadata(teacher.identity, solver_name, {}, job.schedule, sigmas, table,
-                                 teacher.backbone.layer_names, loss_config, {"steps": job.steps, "seed": seed})
-      mteo.save_table(str((workdir / "tables" / tag).absolute()), table, meta, overwrite=True)
-      mteo_row, mteo_samples = score("mteo", solver_name, nfe, solver, sigmas, table, train_seconds,
-                                     {"loss_curve": {"step": history["step"], "loss": history["loss"]},
-                                      "held_out_curve": {"step": history["eval_step"], "rmse": history["eval"]}})
-      rows.append(mteo_row)
-      if nfe == job.nfes[0]:
-        grid_rows[f"{solver_name}"] = base_samples[:job.grid_size]
-        grid_rows[f"{solver_name} + MTEO"] = mteo_samples[:job.grid_size]
+    run_metadata = {"teacher": teacher.identity, "solver": solver_name, "nfe": nfe, "job": config_utils.to_plain(job),
+                    "seed": seed}
+    start = time.perf_counter()
+    table, history = fitting.fit(
+        mteo.make_loss_fn(solver, teacher.backbone, precond, sigmas, loss_config), table, teacher.params,
+        train_data, fitting.make_optimizer(job.learning_rate, job.steps, job.warmup_steps, job.grad_clip,
+                                           job.lr_schedule),
+        steps=job.steps, batch_size=min(job.batch_size, job.num_train), seed=train_seed, eval_fn=held_out_rmse,
+        eval_every=job.eval_every, checkpoint_dir=str((workdir / "checkpoints" / tag).absolute()),
+        checkpoint_every=job.checkpoint_every, metadata=run_metadata, progress=job.progress,
+        desc=f"MTEO {solver_name} NFE {nfe}")
+    train_seconds = time.perf_counter() - start
+    meta = mteo.table_metadata(teacher.identity, solver_name, {}, job.schedule, sigmas, table,
+                               teacher.backbone.layer_names, loss_config, {"steps": job.steps, "seed": seed})
+    mteo.save_table(str((workdir / "tables" / tag).absolute()), table, meta, overwrite=True)
+    mteo_row, mteo_samples = score("mteo", solver_name, nfe, solver, sigmas, table, train_seconds,
+                                   {"loss_curve": {"step": history["step"], "loss": history["loss"]},
+                                    "held_out_curve": {"step": history["eval_step"], "rmse": history["eval"]}})
+    rows.append(mteo_row)
+    if nfe == job.nfes[0]:
+      grid_rows[f"{solver_name}"] = base_samples[:job.grid_size]
+      grid_rows[f"{solver_name} + MTEO"] = mteo_samples[:job.grid_size]
   results = {"teacher": {"path": job.teacher, "identity": teacher.identity,
                          **{k: teacher.metadata.get(k) for k in ("backbone", "dataset", "steps", "final_loss")}},
              "config": config_utils.to_plain(config), "seed": seed,

@@ -29,7 +29,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import diffrax
 import jax
@@ -113,6 +113,29 @@ def _check_save_sigmas(save_sigmas: Any, sigma_start: float | None, dtype: Any) 
     raise ValueError(f"sigma_start (the noise level of x_T) must be finite and >= save_sigmas[0]={sigmas[0]}, "
                      f"got {sigma_start}")
   return sigmas, start
+
+
+def union_sigmas(grids: Sequence[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
+  """One decreasing grid holding every grid of ``grids``, and where each grid's levels sit in it.
+
+  The adaptive solve does not step to its save points (it interpolates between its own steps), so one solve saved at
+  the union gives every grid's states: ``union_ref.states[index]`` for each returned ``index``. Grids of several
+  student schedules (one per NFE) then share one reference solve instead of one each.
+
+  Returns:
+    ``(union [U], indices)``: ``union`` strictly decreasing, ``union[indices[k]] == grids[k]`` exactly.
+  """
+  if not grids:
+    raise ValueError("union_sigmas needs at least one grid of noise levels")
+  arrays = [np.asarray(g) for g in grids]
+  for k, g in enumerate(arrays):
+    if g.ndim != 1 or g.shape[0] < 1 or np.any(np.diff(g) >= 0):
+      raise ValueError(f"grid {k} must be a strictly decreasing 1-D array of noise levels, got {g}")
+  dtype = np.result_type(*arrays)
+  union = np.unique(np.concatenate([g.astype(dtype) for g in arrays]))[::-1]
+  ascending = union[::-1]
+  indices = [len(union) - 1 - np.searchsorted(ascending, g.astype(dtype)) for g in arrays]
+  return np.ascontiguousarray(union), indices
 
 
 def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, save_sigmas: Any, *,

@@ -107,7 +107,7 @@ def test_config_variants_build(name):
 
 
 @pytest.mark.parametrize("name, variants", [("gmm", ("mteo", "mteo_full")), ("digits", ("mteo", "mteo_full")),
-                                            ("fmnist", ("mteo",))])
+                                            ("fmnist", ("mteo", "mteo_full"))])
 def test_mteo_variants_build(name, variants):
   from mteo_jax import config_utils, experiment  # noqa: PLC0415
   module = load_config_file(name)

@@ -15,7 +15,8 @@ from mteo_jax.diffusion import Preconditioning
 from mteo_jax.nets import get_backbone
 from mteo_jax.reference import (REFERENCE_SOLVERS, CacheError, Reference, ReferenceCache, evals_per_step,
                                 reference_key, reference_noise, reference_trajectories, seeded_reference,
-                                teacher_identity)
+                                teacher_identity, union_sigmas)
+from mteo_jax.schedules import get_schedule
 
 SIGMAS = np.array([80.0, 20.0, 3.0, 0.5, 0.05, 0.002])
 
@@ -144,6 +145,33 @@ def test_single_save_sigma_at_start_is_the_noise():
   ref = reference_trajectories(teacher.denoise, x_T, [80.0], progress=False)
   np.testing.assert_array_equal(ref.final, np.asarray(x_T))
   assert ref.nfe.tolist() == [0, 0, 0]
+
+
+def test_union_sigmas_indexes_every_grid_exactly():
+  grids = [np.asarray(get_schedule("edm", n, 0.002, 80.0, rho=7.0)) for n in (3, 4, 5)] + [SIGMAS.astype(np.float32)]
+  union, indices = union_sigmas(grids)
+  assert np.all(np.diff(union) < 0) and union[0] == 80.0 and np.isclose(union[-1], 0.002)
+  assert len(union) == len(np.unique(np.concatenate(grids)))
+  for grid, index in zip(grids, indices):
+    np.testing.assert_array_equal(union[index], grid)
+  with pytest.raises(ValueError, match="strictly decreasing"):
+    union_sigmas([np.array([1.0, 2.0])])
+  with pytest.raises(ValueError, match="at least one grid"):
+    union_sigmas([])
+
+
+def test_one_solve_at_the_union_equals_a_solve_per_grid():
+  """The adaptive solve interpolates at its save points and does not step to them, so a solve saved at the union of
+  several grids gives each grid's states, up to rounding: one reference solve serves every student schedule."""
+  teacher = random_mixture(0, 3, 2)
+  x_T = reference_noise(3, 5, (2,), 80.0)
+  grids = [np.asarray(get_schedule("edm", n, 0.002, 80.0, rho=7.0)) for n in (3, 5)]
+  union, indices = union_sigmas(grids)
+  joint = reference_trajectories(teacher.denoise, x_T, union, progress=False)
+  for grid, index in zip(grids, indices):
+    alone = reference_trajectories(teacher.denoise, x_T, grid, progress=False)
+    np.testing.assert_allclose(joint.states[index], alone.states, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(joint.nfe, alone.nfe)
 
 
 def test_reference_noise_is_seeded():
