@@ -116,3 +116,4 @@ def test_mteo_variants_build(name, variants):
     assert config.mode == "mteo" and "mteo" in main.MODES
     job = config_utils.from_dict(experiment.MTEOJobConfig, config_utils.to_plain(config.mteo), where="mteo")
     assert job.teacher == f"pretrained:{name}" and job.nfes == ((3, 4, 5) if variant == "mteo_full" else (3,))
+    assert experiment.resolve_teacher(job.teacher).is_dir()   # shipped
