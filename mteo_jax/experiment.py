@@ -256,6 +256,7 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   # One reference solve of the training noise, saved at every student's sigmas (all NFEs and solvers at once).
   train_sigmas, train_index = union_sigmas(grids)
   train_ref = reference(x_T_train, label_train, train_seed, train_sigmas)
+  num_monitor = min(256, job.num_eval)   # held-out samples scored during training
   for (nfe, solver_name, solver), sigmas, index in zip(runs, grids, train_index):
     tag = f"{solver_name}_nfe{nfe}"
     base_row, base_samples = score("base", solver_name, nfe, solver, sigmas, None, 0.0)
@@ -265,7 +266,6 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
       train_data["label"] = label_train
     table = mteo.init_table(teacher.backbone, teacher.params, precond, solver.eval_sigmas(sigmas), job.granularity)
     held_out = sampler(solver, sigmas)
-    num_monitor = min(256, job.num_eval)
 
     def held_out_rmse(table, held_out=held_out):
       samples = held_out(table, x_T_eval[:num_monitor], None if label_eval is None else label_eval[:num_monitor])

@@ -127,14 +127,11 @@ def union_sigmas(grids: Sequence[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
   """
   if not grids:
     raise ValueError("union_sigmas needs at least one grid of noise levels")
-  arrays = [np.asarray(g) for g in grids]
-  for k, g in enumerate(arrays):
-    if g.ndim != 1 or g.shape[0] < 1 or np.any(np.diff(g) >= 0):
-      raise ValueError(f"grid {k} must be a strictly decreasing 1-D array of noise levels, got {g}")
-  dtype = np.result_type(*arrays)
-  union = np.unique(np.concatenate([g.astype(dtype) for g in arrays]))[::-1]
+  dtype = np.result_type(*(np.asarray(g) for g in grids))
+  arrays = [_check_save_sigmas(g, None, dtype)[0] for g in grids]
+  union = np.unique(np.concatenate(arrays))[::-1]
   ascending = union[::-1]
-  indices = [len(union) - 1 - np.searchsorted(ascending, g.astype(dtype)) for g in arrays]
+  indices = [len(union) - 1 - np.searchsorted(ascending, g) for g in arrays]
   return np.ascontiguousarray(union), indices
 
 
