@@ -15,7 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mteo_jax.diffusion import broadcast_to_batch
+from mteo_jax.diffusion import broadcast_to_batch, coefficient_dtype
+
+
+def _noise_level(sigma: jax.Array, x: jax.Array) -> jax.Array:
+  """``sigma`` in float32 or wider whatever the state's dtype (``sigma ** 2`` overflows float16 above 256)."""
+  sigma = jnp.asarray(sigma)
+  return sigma.astype(coefficient_dtype(sigma.dtype, x.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +34,7 @@ class Gaussian:
     """Exact ``D(x, sigma)``; ``temb`` is accepted and ignored (no network to condition)."""
     del temb
     s2 = self.std ** 2
-    sigma = broadcast_to_batch(sigma, x)
+    sigma = broadcast_to_batch(_noise_level(sigma, x), x)
     return self.mean + s2 / (s2 + sigma ** 2) * (x - self.mean)
 
   def ode_solution(self, x: jax.Array, sigma_from: jax.Array, sigma_to: jax.Array) -> jax.Array:
@@ -71,12 +77,12 @@ class GaussianMixture:
 
   def log_prob(self, x: jax.Array, sigma: jax.Array = 0.0) -> jax.Array:
     """Exact log-density of the noised marginal at ``sigma`` (scalar or [B]); x: [B, dim]."""
-    return jax.nn.logsumexp(self._component_log_probs(x, jnp.asarray(sigma, x.dtype)), axis=-1)
+    return jax.nn.logsumexp(self._component_log_probs(x, _noise_level(sigma, x)), axis=-1)
 
   def denoise(self, x: jax.Array, sigma: jax.Array, temb=None) -> jax.Array:
     """Exact ``D(x, sigma) = sum_k p(k | x) (mu_k + s_k^2 / (s_k^2 + sigma^2) (x - mu_k))``."""
     del temb
-    sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
+    sigma = jnp.broadcast_to(_noise_level(sigma, x), x.shape[:1])
     posterior = jax.nn.softmax(self._component_log_probs(x, sigma), axis=-1)              # [B, K]
     shrink = self.stds[None] ** 2 / (self.stds[None] ** 2 + sigma[:, None] ** 2)           # [B, K]
     per_component = self.means[None] + shrink[..., None] * (x[:, None, :] - self.means[None])

@@ -20,6 +20,17 @@ import jax.numpy as jnp
 PRECONDITIONINGS = ("edm", "vp", "ve")
 
 
+def coefficient_dtype(*dtypes) -> jnp.dtype:
+  """The dtype in which noise levels, preconditioning and step coefficients are computed: float32 or wider.
+
+  A low-precision state (bfloat16, float16) keeps its dtype for the network input only: ``sigma ** 2`` overflows
+  float16 above sigma = 256 (EDM's ``sigma_max`` is 80, VE models reach 380), and neighbouring noise levels of a
+  few-step grid collapse in bfloat16's 8-bit mantissa. ``coefficient_dtype(jnp.float16) == float32``;
+  ``coefficient_dtype(jnp.float64) == float64``.
+  """
+  return jnp.promote_types(jnp.result_type(*dtypes), jnp.float32)
+
+
 class Coefficients(NamedTuple):
   """The four preconditioning coefficients of EDM Table 1 at one or more noise levels."""
   c_skip: jax.Array
@@ -59,8 +70,13 @@ class Preconditioning:
       raise ValueError(f"sigma_data must be positive, got {self.sigma_data}")
 
   def coefficients(self, sigma: jax.Array) -> Coefficients:
-    """``(c_skip, c_out, c_in, c_noise)`` at ``sigma`` (any shape; returned with the same shape)."""
+    """``(c_skip, c_out, c_in, c_noise)`` at ``sigma`` (any shape; returned with the same shape).
+
+    Computed in ``coefficient_dtype(sigma.dtype)`` (float32 or wider): a float16 ``sigma`` is promoted first, since
+    ``sigma ** 2`` overflows float16 above 256.
+    """
     sigma = jnp.asarray(sigma)
+    sigma = sigma.astype(coefficient_dtype(sigma.dtype))
     if self.kind == "edm":
       sd2 = self.sigma_data ** 2
       c_skip = sd2 / (sigma ** 2 + sd2)
@@ -181,11 +197,14 @@ def broadcast_to_batch(value: jax.Array, x: jax.Array) -> jax.Array:
 def edm_training_loss(denoise_fn, x0: jax.Array, rng: jax.Array, precond: Preconditioning) -> jax.Array:
   """Per-sample denoising loss ``lambda(sigma) * ||D(x0 + sigma n, sigma) - x0||^2`` (mean over features).
 
-  ``denoise_fn(x, sigma)`` takes per-sample sigmas of shape ``[B]``. Returns shape ``[B]``.
+  ``denoise_fn(x, sigma)`` takes per-sample sigmas of shape ``[B]``. Returns shape ``[B]`` in float32 or wider:
+  sigma, the noise and the loss weight are computed in ``coefficient_dtype(x0.dtype)``; the noisy input takes
+  ``x0.dtype``.
   """
   sigma_rng, noise_rng = jax.random.split(rng)
-  sigma = precond.sample_training_sigma(sigma_rng, (x0.shape[0],), x0.dtype)
-  noise = jax.random.normal(noise_rng, x0.shape, x0.dtype)
-  x0_hat = denoise_fn(add_noise(x0, sigma, noise), sigma)
-  per_sample = jnp.mean(((x0_hat - x0) ** 2).reshape(x0.shape[0], -1), axis=-1)
+  sigma = precond.sample_training_sigma(sigma_rng, (x0.shape[0],), coefficient_dtype(x0.dtype))
+  noise = jax.random.normal(noise_rng, x0.shape, sigma.dtype)   # the same draws whatever the data's precision
+  x0_hat = denoise_fn(add_noise(x0, sigma, noise).astype(x0.dtype), sigma)
+  error = x0_hat.astype(sigma.dtype) - x0.astype(sigma.dtype)
+  per_sample = jnp.mean((error ** 2).reshape(x0.shape[0], -1), axis=-1)
   return precond.loss_weight(sigma) * per_sample

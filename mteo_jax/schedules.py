@@ -92,7 +92,8 @@ def _sigma_range(name: str, sigma_min, sigma_max) -> tuple[jax.Array, jax.Array]
   smin, smax = _as_float_array(sigma_min, "sigma_min"), _as_float_array(sigma_max, "sigma_max")
   if smin.ndim != 0 or smax.ndim != 0:
     raise ValueError(f"sigma_min and sigma_max must be scalars, got shapes {smin.shape} and {smax.shape}")
-  dtype = jnp.promote_types(smin.dtype, smax.dtype)
+  # float32 or wider: a float16 grid would collapse neighbouring levels (and overflow sigma ** 2 above 256).
+  dtype = diffusion.coefficient_dtype(smin.dtype, smax.dtype)
   smin, smax = smin.astype(dtype), smax.astype(dtype)
   if is_concrete(smin) and is_concrete(smax):
     lo, hi = float(smin), float(smax)

@@ -117,3 +117,30 @@ def test_bad_inputs_are_clear_errors():
     Preconditioning(sigma_min=1.0, sigma_max=0.5)
   with pytest.raises(ValueError, match=r"per-sample vector of shape \(4,\)"):
     diffusion.broadcast_to_batch(jnp.ones(3), jnp.ones((4, 2)))
+
+
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_coefficients_of_a_low_precision_sigma_are_float32(kind, dtype):
+  """float16 ``sigma ** 2`` overflows above 256: the coefficients are computed in float32 from the given value."""
+  precond = Preconditioning(kind)
+  sigma_low = jnp.asarray([0.002, 1.0, 80.0, 300.0, 1000.0], dtype)
+  got = precond.coefficients(sigma_low)
+  expected = precond.coefficients(sigma_low.astype(jnp.float32))
+  for name, g, e in zip(got._fields, got, expected):
+    assert g.dtype == jnp.float32, name
+    np.testing.assert_array_equal(g, e, err_msg=name)
+    assert np.all(np.isfinite(g)), name
+
+
+@pytest.mark.parametrize("dtype, rtol", [(jnp.float16, 0.02), (jnp.bfloat16, 0.1)])
+def test_training_loss_of_low_precision_data_matches_float32(dtype, rtol):
+  """The same sigma and noise draws for any data precision; only the noisy input is rounded to it."""
+  precond = Preconditioning("edm")
+  x0 = jax.random.uniform(jax.random.key(0), (64, 4), minval=-1, maxval=1).astype(dtype)
+  denoise = lambda x, sigma: x / (1.0 + diffusion.broadcast_to_batch(sigma, x) ** 2)   # noqa: E731
+  low = diffusion.edm_training_loss(denoise, x0, jax.random.key(1), precond)
+  high = diffusion.edm_training_loss(denoise, x0.astype(jnp.float32), jax.random.key(1), precond)
+  assert low.dtype == jnp.float32 and np.all(np.isfinite(low))
+  np.testing.assert_allclose(low, high, rtol=rtol)
+  np.testing.assert_allclose(np.mean(low), np.mean(high), rtol=rtol / 5)

@@ -121,6 +121,87 @@ def test_clear_errors():
   with pytest.raises(ValueError, match="class-conditional"):
     conditional.embed_time(conditional.init(jax.random.key(0)), jnp.zeros(2))
   with pytest.raises(ValueError, match="not divisible"):
-    _unet(image_size=6, channel_mult=(1, 2, 2)).init(jax.random.key(0))
+    get_backbone("unet", (6, 6, 1), **{**UNET_TINY, "image_size": 6, "channel_mult": (1, 2, 2)})
   with pytest.raises(ValueError, match="unknown embedding_type"):
     _mlp(embedding_type="rotary").init(jax.random.key(0))
+
+
+# --- low precision, labels and data shapes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["edm", "vp", "ve"])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_state_gets_float32_preconditioning(kind, dtype):
+  """c_skip, c_out, c_in, c_noise in float32 whatever the state's dtype: at sigma = 300 a float16 ``sigma ** 2``
+  overflows and EDM's D(x, 300) used to come out as exactly 0."""
+  backbone = _mlp()
+  params = _perturbed_init(backbone)
+  denoiser = make_denoiser(backbone, params, Preconditioning(kind))
+  eps = float(jnp.finfo(dtype).eps)
+  for sigma in (0.002, 1.0, 80.0, 300.0, 1000.0):
+    x = sigma * jax.random.normal(jax.random.key(3), (4, 3))
+    x_low = x.astype(dtype)
+    expected = denoiser(x_low.astype(jnp.float32), sigma)   # the same input, in float32
+    got = denoiser(x_low, jnp.asarray(sigma, dtype))
+    assert got.dtype == dtype
+    scale = float(jnp.max(jnp.abs(expected))) + 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=8 * eps * scale, err_msg=f"sigma={sigma}")
+
+
+def test_issue_case_edm_float16_at_sigma_300_is_not_zero():
+  backbone = get_backbone("mlp", (2,), data_dim=2, width=16, depth=2, emb_dim=16, noise_channels=8)
+  denoiser = make_denoiser(backbone, _perturbed_init(backbone), Preconditioning("edm"))
+  x = jnp.asarray([[1.0, -1.0]])
+  expected = denoiser(x, 300.0)
+  assert float(jnp.max(jnp.abs(expected))) > 0.01
+  np.testing.assert_allclose(np.asarray(denoiser(x.astype(jnp.float16), 300.0), np.float32), expected, rtol=2e-3,
+                             atol=1e-3)
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([3], r"must lie in \[0, 2\] \(num_classes=3\), but label\[0\] = 3"),
+    ([0, -1], r"must lie in \[0, 2\].*label\[1\] = -1"),
+    ([[1]], r"shape \[batch\]"),
+])
+def test_out_of_range_or_misshapen_labels_are_errors(labels, match):
+  for backbone in (_mlp(num_classes=3), _unet(num_classes=3)):
+    params = backbone.init(jax.random.key(0))
+    with pytest.raises(ValueError, match=match):
+      make_denoiser(backbone, params, Preconditioning(), jnp.asarray(labels))
+    with pytest.raises(ValueError, match=match):
+      backbone.embed_time(params, jnp.zeros((len(labels),)), jnp.asarray(labels))
+
+
+def test_label_dtype_and_count_must_fit_the_batch():
+  backbone = _mlp(num_classes=3)
+  params = backbone.init(jax.random.key(0))
+  with pytest.raises(TypeError, match="integers"):
+    make_denoiser(backbone, params, Preconditioning(), jnp.asarray([1.0]))
+  x = jnp.ones((3, 3))
+  for labels in ([1], [0, 1], [0, 1, 2, 0]):   # one label used to broadcast silently to the whole batch
+    denoiser = make_denoiser(backbone, params, Preconditioning(), jnp.asarray(labels))
+    with pytest.raises(ValueError, match=rf"{len(labels)} class label\(s\) for a batch of 3 samples"):
+      denoiser(x, 1.0)
+    with pytest.raises(ValueError, match="for a batch of 3"):
+      jax.jit(denoiser)(x, 1.0)   # the count is a shape: checked under jit too
+    with pytest.raises(ValueError, match="for a batch of 3"):
+      backbone.apply(params, x, jnp.zeros((3,)), jnp.asarray(labels))
+  out = make_denoiser(backbone, params, Preconditioning(), jnp.asarray([0, 1, 2]))(x, 1.0)
+  assert out.shape == x.shape and np.all(np.isfinite(out))
+  with pytest.raises(ValueError, match="unconditional"):
+    make_denoiser(_mlp(), _mlp().init(jax.random.key(0)), Preconditioning(), jnp.asarray([0]))
+
+
+@pytest.mark.parametrize("name, data_shape, options, match", [
+    ("unet", (8, 8, 3), dict(UNET_TINY), r"UNet\(image_size=8, in_channels=1\) takes samples of shape \(8, 8, 1\), "
+                                         r"but the data shape is \(8, 8, 3\)"),
+    ("unet", (9, 9, 1), dict(UNET_TINY), r"shape \(8, 8, 1\), but the data shape is \(9, 9, 1\)"),
+    ("unet", (8, 4, 1), dict(UNET_TINY), r"but the data shape is \(8, 4, 1\)"),
+    ("unet", (8, 8), dict(UNET_TINY), r"but the data shape is \(8, 8\)"),
+    ("unet", (8, 8, 1), dict(UNET_TINY, out_channels=3), r"out_channels=3 differs from in_channels=1"),
+    ("mlp", (3,), dict(data_dim=2), r"MLP\(data_dim=2\) takes samples of shape \(2,\), but the data shape is \(3,\)"),
+    ("mlp", (2, 1), dict(data_dim=2), r"but the data shape is \(2, 1\)"),
+    ("mlp", (0,), dict(data_dim=0), r"positive integers"),
+])
+def test_backbone_options_that_disagree_with_the_data_shape_are_errors(name, data_shape, options, match):
+  with pytest.raises(ValueError, match=match):
+    get_backbone(name, data_shape, **options)

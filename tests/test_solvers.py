@@ -631,3 +631,45 @@ def test_bad_sample_arguments():
     solver.sample(lambda x, sigma, temb=None: x[:, 0], x_T, [80.0, 1.0])
   with pytest.raises(TypeError, match="remat must be True or False"):
     solver.sample(gauss.denoise, x_T, [80.0, 1.0], remat=1)
+
+
+# --- low-precision states (the grid and the coefficients stay in float32) -----------------------------------------
+
+@pytest.mark.parametrize("name", SOLVERS.names())
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_state_gives_the_float32_answer(name, dtype):
+  """A grid valid in float32 whose last levels collapse in float16 (1e-8 underflows; 1.0/0.999 are one bf16 ulp
+  apart) must not reach the step coefficients in the state's dtype: the result is the float32 one, in the state's
+  dtype, within its precision."""
+  gaussian = closed_form.Gaussian(jnp.zeros(2), jnp.ones(2))
+  solver = get_solver(name)
+  x_T = jnp.asarray([[1.0, -0.5], [300.0, 2.0]], jnp.float32)
+  eps = float(jnp.finfo(dtype).eps)
+  for sigmas in ([1.0, 1e-8], [80.0, 10.0, 1.0, 0.1, 1e-8], [300.0, 40.0, 0.002]):
+    sigmas = jnp.asarray(sigmas, jnp.float32)
+    expected = solver.sample(gaussian.denoise, x_T, sigmas)
+    got, states = solver.sample(gaussian.denoise, x_T.astype(dtype), sigmas, return_trajectory=True)
+    assert got.dtype == dtype and states.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, rtol=4 * eps, atol=4 * eps)
+  # 1.0 and 0.999 are one bfloat16 ulp apart: a grid made in the state's dtype would take a zero step. The multistep
+  # extrapolation over such close levels amplifies the state's own rounding, so only finiteness is checked here.
+  got = solver.sample(gaussian.denoise, x_T.astype(dtype), jnp.asarray([80.0, 2.0, 1.0, 0.999, 1e-8]))
+  assert np.all(np.isfinite(np.asarray(got, np.float32))), (name, got)
+
+
+def test_issue_case_dpmpp_2m_float16_with_sigma_1e8():
+  gaussian = closed_form.Gaussian(jnp.zeros(2), jnp.ones(2))
+  got = get_solver("dpmpp_2m").sample(gaussian.denoise, jnp.ones((1, 2), jnp.float16), jnp.asarray([1.0, 1e-8]))
+  np.testing.assert_allclose(np.asarray(got, np.float32), [[0.5, 0.5]], rtol=1e-3)
+
+
+def test_grid_that_collapses_when_narrowed_names_the_entry():
+  """float64 levels that are distinct only beyond float32 precision: a float32 state gets a clear error."""
+  gaussian = closed_form.Gaussian(jnp.zeros(2), jnp.ones(2))
+  with jax.enable_x64(True):
+    sigmas = np.array([2.0, 1.0 + 1e-12, 1.0, 0.5])
+    for name in ("dpmpp_2m", "unipc", "deis"):
+      with pytest.raises(ValueError, match=r"valid in float64 but not in float32.*sigmas\[1\]"):
+        get_solver(name).sample(gaussian.denoise, jnp.ones((1, 2), jnp.float32), sigmas)
+    # The same grid with a float64 state is fine.
+    get_solver("dpmpp_2m").sample(gaussian.denoise, jnp.ones((1, 2), jnp.float64), sigmas)

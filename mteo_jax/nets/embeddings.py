@@ -52,6 +52,14 @@ class LiftedTimeEmbedding(nn.Module):
   level only through ``temb``. The label term is additive, as in ADM, so a replaced time part keeps the label.
   """
 
+  def expected_data_shape(self) -> tuple[int, ...] | None:
+    """The shape of one sample that the module's options fix (None: any shape); ``Backbone`` checks it."""
+    return None
+
+  def describe_data_shape(self) -> str:
+    """The options that fix ``expected_data_shape``, for error messages, e.g. ``UNet(image_size=8, in_channels=1)``."""
+    return type(self).__name__
+
   def embed_time(self, c_noise: jnp.ndarray, label: jnp.ndarray | None = None) -> dict[str, jnp.ndarray]:
     return self.add_label(self.time_embedding(c_noise), label)
 

@@ -35,6 +35,12 @@ class MLP(LiftedTimeEmbedding):
   def layer_names(self) -> tuple[str, ...]:
     return tuple(f"block{l:02d}" for l in range(self.depth))
 
+  def expected_data_shape(self) -> tuple[int, ...]:
+    return (self.data_dim,)
+
+  def describe_data_shape(self) -> str:
+    return f"MLP(data_dim={self.data_dim})"
+
   def setup(self):
     self.time_mlp = TimeMLP(self.emb_dim, self.noise_channels, self.embedding_type, self.fourier_scale)
     if self.num_classes > 0:

@@ -114,6 +114,17 @@ class UNet(LiftedTimeEmbedding):
   def layer_names(self) -> tuple[str, ...]:
     return tuple(entry[0] for entry in self._plan())
 
+  def expected_data_shape(self) -> tuple[int, ...]:
+    """``(image_size, image_size, in_channels)``; a denoiser maps x to x0_hat of the same shape, so ``out_channels``
+    (when set) must equal ``in_channels``."""
+    if self.out_channels is not None and self.out_channels != self.in_channels:
+      raise ValueError(f"UNet out_channels={self.out_channels} differs from in_channels={self.in_channels}: a "
+                       "denoiser's output x0_hat has the shape of its input; leave out_channels unset")
+    return (self.image_size, self.image_size, self.in_channels)
+
+  def describe_data_shape(self) -> str:
+    return f"UNet(image_size={self.image_size}, in_channels={self.in_channels})"
+
   def setup(self):
     self.time_mlp = TimeMLP(self.emb_dim, self.model_channels, self.embedding_type, self.fourier_scale)
     if self.num_classes > 0:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mteo_jax.schedules import check_num_steps, validate_sigmas
+from mteo_jax.diffusion import coefficient_dtype
+from mteo_jax.schedules import check_num_steps, is_concrete, validate_sigmas
 
 # ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``); kept as a plain callable here so that the
 # solvers depend on no network code and run on closed-form denoisers.
@@ -101,8 +102,11 @@ class Solver(abc.ABC):
 
     Args:
       denoiser: ``D(x, sigma, temb=None) -> x0_hat`` with ``sigma`` a scalar.
-      x_T: the initial state at ``sigmas[0]`` (any shape the denoiser accepts, e.g. [B, ...]).
-      sigmas: [N + 1] strictly decreasing noise levels, > 0.
+      x_T: the initial state at ``sigmas[0]`` (any shape the denoiser accepts, e.g. [B, ...]), any floating dtype;
+        the states and the result keep it.
+      sigmas: [N + 1] strictly decreasing noise levels, > 0. The grid and every step coefficient are computed in
+        ``coefficient_dtype(x_T.dtype)`` (float32 for a bfloat16 or float16 state, else the state's dtype), and the
+        grid is validated in that dtype: a ValueError names an entry that collapses or underflows when cast.
       temb_table: None, or a pytree whose leaves have leading axis ``nfe(N)``; denoiser call i receives
         ``temb = jax.tree.map(lambda t: t[i], temb_table)``.
       return_trajectory: also return the states at every entry of ``sigmas``, [N + 1, *x_T.shape].
@@ -113,7 +117,8 @@ class Solver(abc.ABC):
     x_T = jnp.asarray(x_T)
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
       raise TypeError(f"x_T must be a floating-point array, got dtype {x_T.dtype}")
-    sigmas = validate_sigmas(sigmas).astype(x_T.dtype)
+    state_dtype = x_T.dtype
+    sigmas = grid_in_coefficient_dtype(sigmas, state_dtype)
     num_steps = sigmas.shape[0] - 1
     check_temb_table(temb_table, self.nfe(num_steps), f"{self.name!r} with {num_steps} steps")
     use_remat = self.remat if remat is None else remat
@@ -129,6 +134,8 @@ class Solver(abc.ABC):
       if use_remat:
         step_fn = jax.checkpoint(step_fn)
       x, carry, x_here = step_fn(x, carry, sigmas, rows)
+      # The update is computed in the grid's dtype (float32 or wider); the state keeps the dtype of x_T.
+      x, x_here = x.astype(state_dtype), x_here.astype(state_dtype)
       states.append(x_here)
     states.append(x)
     if return_trajectory:
@@ -152,6 +159,26 @@ class Solver(abc.ABC):
 
 
 # --- shared helpers -------------------------------------------------------------------------------------------------
+
+def grid_in_coefficient_dtype(sigmas: jax.Array, state_dtype: Any) -> jax.Array:
+  """``sigmas`` validated, cast to ``coefficient_dtype(state_dtype)`` and validated again in that dtype.
+
+  The second check matters when the cast narrows (float64 -> float32): neighbouring levels that differ only beyond
+  float32's precision would become equal, and a zero step ``log(sigma_i / sigma_{i+1}) = 0`` divides by zero in the
+  multistep coefficients. Raises ``ValueError`` naming the first entry that collapses.
+  """
+  given = validate_sigmas(sigmas)
+  dtype = coefficient_dtype(state_dtype)
+  cast = given.astype(dtype)
+  if is_concrete(cast) and cast.dtype != given.dtype:
+    try:
+      validate_sigmas(cast)
+    except ValueError as error:
+      raise ValueError(f"sigmas are valid in {given.dtype} but not in {np.dtype(dtype).name}, the dtype in which "
+                       f"the solver computes its grid and coefficients for a {np.dtype(state_dtype).name} state: "
+                       f"{error}") from None
+  return cast
+
 
 def jit_when_eager(*, static_argnames: tuple[str, ...]):
   """Decorator for the update formulas: one compiled program per call on concrete arrays, a plain call otherwise.
