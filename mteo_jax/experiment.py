@@ -209,7 +209,8 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
   def reference(x_T, labels, noise_seed, sigmas):
     ref = job.reference
     key = reference_key(teacher.identity, precond, noise_seed, x_T.shape[0], teacher.data_shape, sigmas, ref.solver,
-                        ref.rtol, ref.atol, label_seed=None if labels is None else label_seed(noise_seed))
+                        ref.rtol, ref.atol, x_T=x_T, labels=labels,
+                        label_seed=None if labels is None else label_seed(noise_seed))
     return cache.get_or_compute(key, lambda: reference_trajectories(
         teacher.denoiser_with_label, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
         batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
@@ -298,7 +299,10 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
              "config": config_utils.to_plain(config), "seed": seed,
              "noise_seeds": {"train": train_seed, "eval": eval_seed}, "rows": rows}
   (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
-  _pictures(workdir, grid_rows, rows, job)
+  picture_errors = _pictures(workdir, grid_rows, rows, job)
+  if picture_errors:  # recorded beside the results, which are kept whole
+    results["picture_errors"] = picture_errors
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
   return results
 
 
@@ -313,20 +317,43 @@ def _json_default(value: Any) -> Any:
   raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[dict], job: MTEOJobConfig) -> None:
-  first = next(iter(grid_rows.values()))
-  if first.ndim == 4:
-    viz.save_comparison_grid(grid_rows, workdir / "samples.png",
-                             title=f"held-out noise, NFE {job.nfes[0]}: reference vs base solver vs MTEO")
-  else:
-    reference = grid_rows["reference"]
-    for name, points in grid_rows.items():
-      viz.save_scatter(points, workdir / f"samples_{name.replace(' + ', '_').replace(' ', '_')}.png",
-                       reference=None if name == "reference" else reference, title=name)
+def _pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[dict], job: MTEOJobConfig) -> dict[str, str]:
+  """Draws the job's pictures, each on its own: a picture that fails is logged, left out and returned as
+  ``{file name: error}``, and the others are still drawn (the results are on disk before this runs).
+
+  Images [N, H, W, C]: one comparison grid, ``samples.png``. Points of any other shape: one picture per row of
+  ``grid_rows``, ``samples_<row>.png``, all in one frame fitted on the reference (a PCA projection for D > 2, a
+  histogram for D = 1; ``viz.save_samples_picture``). Then ``rmse_bars.png``.
+  """
+  errors: dict[str, str] = {}
+
+  def attempt(name: str, draw: Callable[[], Any]) -> Any:
+    try:
+      return draw()
+    except Exception as error:  # noqa: BLE001  (a picture must never cost the computed results)
+      logging.warning("picture %s not drawn: %s: %s", name, type(error).__name__, error)
+      errors[name] = f"{type(error).__name__}: {error}"
+      return None
+
   nfe = job.nfes[0]
+  reference = grid_rows["reference"]
+  kind = attempt("samples", lambda: viz.picture_kind(np.shape(reference)))
+  if kind == "images":
+    attempt("samples.png", lambda: viz.save_comparison_grid(
+        grid_rows, workdir / "samples.png", title=f"held-out noise, NFE {nfe}: reference vs base solver vs MTEO"))
+  elif kind is not None:
+    # One frame for every panel; should fitting it fail, each panel fits its own.
+    view = attempt("samples (shared frame)", lambda: viz.point_view(reference, *grid_rows.values()))
+    for name, points in grid_rows.items():
+      file_name = f"samples_{name.replace(' + ', '_').replace(' ', '_')}.png"
+      attempt(file_name, lambda name=name, points=points, file_name=file_name: viz.save_samples_picture(
+          points, workdir / file_name, reference=None if name == "reference" else reference, view=view,
+          title=f"{name}, NFE {nfe}" if name != "reference" else name))
   groups: dict[str, dict[str, float]] = {}
   for r in rows:
     if r["nfe"] == nfe and r["method"] in ("base", "mteo"):
       groups.setdefault(r["solver"], {})["base solver" if r["method"] == "base" else "+ MTEO"] = r["rmse"]
-  viz.save_grouped_bar_plot(groups, workdir / "rmse_bars.png", ylabel="RMSE to reference",
-                            title=f"held-out noise, NFE {nfe}")
+  attempt("rmse_bars.png", lambda: viz.save_grouped_bar_plot(groups, workdir / "rmse_bars.png",
+                                                             ylabel="RMSE to reference",
+                                                             title=f"held-out noise, NFE {nfe}"))
+  return errors

@@ -17,6 +17,11 @@ Each sample is solved as its own ODE (``jax.vmap`` over the batch), so every sam
 error control: a sample's reference does not depend on which other samples share its chunk (a test checks
 batched == unbatched; equal up to rounding, as XLA may vectorise the same arithmetic differently for another chunk
 size), and the tolerance holds per sample rather than for an RMS over the batch.
+
+A denoiser that returns NaN or inf stops its samples' solves where it does, after a few rejected steps, and the call
+raises ``NonFiniteDenoiserError`` naming the samples and the sigma (not ``max_steps`` later). The compiled solve is
+kept per denoiser object, solver, tolerances and ``max_steps``, so later calls on other noise, labels or save grids of
+the same shapes compile nothing. The disk cache is keyed by the content of the noise and labels, not their seeds.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -37,12 +43,13 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mteo_jax.diffusion import Preconditioning
+from mteo_jax.diffusion import Preconditioning, coefficient_dtype
 from mteo_jax.hashing import canonical_json, hash_json, hash_pytree, to_jsonable
 from mteo_jax.registry import Registry
 
-# Bump when the meaning of a cached reference changes (integration variable, NFE accounting, file layout).
-REFERENCE_FORMAT_VERSION = 1
+# Bump when the meaning of a cached reference or of its key changes (integration variable, NFE accounting, file
+# layout, what the key covers). 2: the key holds content hashes of x_T and of the labels, not only their seeds.
+REFERENCE_FORMAT_VERSION = 2
 
 
 REFERENCE_SOLVERS: Registry[type[diffrax.AbstractERK]] = Registry("reference solver")
@@ -135,30 +142,179 @@ def union_sigmas(grids: Sequence[Any]) -> tuple[np.ndarray, list[np.ndarray]]:
   return np.ascontiguousarray(union), indices
 
 
+class ReferenceSolveError(RuntimeError):
+  """The adaptive reference solve failed for some samples (``max_steps`` reached, or the step size underflowed).
+
+  Attributes:
+    indices: [n] int64, the global indices (into ``x_T``) of the failed samples, ascending. When ``x_T`` is solved in
+      chunks (``batch_size``), the first failing chunk raises: later chunks are not solved.
+    sigmas: [n] float64, the noise level each failed sample's solve had reached (its last accepted step).
+    num_steps: [n] int64, the steps (accepted and rejected) each failed sample's solve took.
+  """
+
+  def __init__(self, message: str, indices: Any = (), sigmas: Any = (), num_steps: Any = ()):
+    super().__init__(message)
+    self.indices = np.asarray(indices, np.int64)
+    self.sigmas = np.asarray(sigmas, np.float64)
+    self.num_steps = np.asarray(num_steps, np.int64)
+
+
+class NonFiniteDenoiserError(ReferenceSolveError, FloatingPointError):
+  """The denoiser returned NaN or inf during a reference solve; the solve stopped where that happened.
+
+  A ``ReferenceSolveError`` (so a ``RuntimeError``) and a ``FloatingPointError``. ``sigmas`` are the noise levels at
+  which each failed sample's solve stopped: just above where its denoiser output became non-finite (within a few
+  smallest steps, a relative ~3e-5 in sigma when the times are float32; the first sigma when it is non-finite there).
+  The samples are found non-finite by evaluating the denoiser on the host at the stuck state and at the stages of
+  steps of a few smallest step lengths from it.
+  """
+
+
+# The smallest step, in t = -log(sigma), as a number of float ulps of the larger |t| of the span: a step of a few ulps
+# resolves nothing more, and the controller shrinks its step geometrically (5x per rejection after a non-finite
+# value), so reaching it takes a few tens of steps. In float32 over sigma 80 -> 0.002 it is 5.9e-6 (~6e-7 of the
+# span); steps of a legitimate solve at rtol = atol = 1e-5 are ~0.1, and steps across a jump J in the field need
+# ~tol / J: far above it in float64 (dtmin ~1e-14 there), at the edge of what float32 resolves anyway.
+_DTMIN_ULPS = 8
+
+
+def _dtmin(t0: Any, t1: Any, dtype: Any) -> Any:
+  """The smallest step of a solve over [t0, t1] in ``dtype`` (traced or numpy)."""
+  return _DTMIN_ULPS * float(jnp.finfo(dtype).eps) * jnp.maximum(jnp.abs(t0), jnp.abs(t1))
+
+
+class _FiniteStepPIDController(diffrax.PIDController):
+  """``diffrax.PIDController`` that ends the solve (``RESULTS.dt_min_reached``) when its step underflows.
+
+  A step whose candidate state is non-finite is rejected as one with infinite error (the next step is
+  ``factormin`` = 0.2 times shorter); once a rejected step's retry would be shorter than ``stall_dt`` (or its length
+  is NaN) the solve stops with ``dt_min_reached`` at the last accepted state. A non-finite first step (a NaN field at
+  t0 makes diffrax's initial step NaN) becomes ``stall_dt``. Plain diffrax instead runs such a solve to
+  ``max_steps``: it rejects a NaN error estimate, but an inf candidate or a NaN initial step gives NaN step sizes.
+
+  Why not ``PIDController(dtmin=...)``: any op between diffrax's ``dt = prev_dt * factor`` and ``t + dt`` (its
+  ``maximum(dt, dtmin)``) stops XLA from contracting them into one fused multiply-add, which moves step times by an
+  ulp and legitimate solves by ~rtol. Here the step-size arithmetic is left alone; the additions are selects that are
+  identities on finite steps and a comparison of the result, so legitimate solves are unchanged bit for bit.
+  """
+  stall_dt: Any = None
+
+  def init(self, terms, t0, t1, y0, dt0, args, func, error_order):
+    tnext, state = super().init(terms, t0, t1, y0, dt0, args, func, error_order)
+    return jnp.where(jnp.isfinite(tnext), tnext, t0 + self.stall_dt), state
+
+  def adapt_step_size(self, t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state):
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(y1_candidate)]))
+    y1_candidate = jax.tree.map(lambda y1, y: jnp.where(finite, y1, y), y1_candidate, y0)
+    y_error = jax.tree.map(lambda e: jnp.where(finite, e, jnp.inf), y_error)
+    keep_step, next_t0, next_t1, made_jump, state, result = super().adapt_step_size(
+        t0, t1, y0, y1_candidate, args, y_error, error_order, controller_state)
+    dt = next_t1 - next_t0
+    stalled = (~keep_step & (dt < self.stall_dt)) | jnp.isnan(dt)
+    result = diffrax.RESULTS.where(stalled, diffrax.RESULTS.dt_min_reached, result)
+    return keep_step, next_t0, next_t1, made_jump, state, result
+
+
+def _call_denoiser(denoiser: Callable[..., jax.Array], dtype: Any, x: jax.Array, t: jax.Array,
+                   label: jax.Array | None) -> jax.Array:
+  """``D(x, sigma = exp(-t))`` for one sample ``x`` [*data_shape] (called with a batch of one), with sigma and the
+  output in ``dtype`` (x_T's: diffrax carries the state in the promotion of x_T's and the time's dtypes)."""
+  sigma = jnp.exp(-t).astype(dtype)
+  if label is None:
+    return denoiser(x[None], sigma)[0].astype(dtype)
+  return denoiser(x[None], sigma, label=label[None])[0].astype(dtype)
+
+
+def _build_solve(denoiser: Callable[..., jax.Array], solver: str, rtol: float, atol: float,
+                 max_steps: int) -> Callable[..., tuple]:
+  method = REFERENCE_SOLVERS.get(solver)()
+
+  def solve_one(x, label, t0, ts):
+    t1 = ts[-1]
+
+    def vector_field(t, y, label):
+      return _call_denoiser(denoiser, x.dtype, y, t, label) - y          # dx/dt with t = -log(sigma)
+
+    solution = diffrax.diffeqsolve(
+        diffrax.ODETerm(vector_field), method, t0=t0, t1=t1, dt0=None, y0=x, args=label,
+        # the states at ts, and the last state reached (where a failed solve stopped)
+        saveat=diffrax.SaveAt(subs=[diffrax.SubSaveAt(ts=ts), diffrax.SubSaveAt(t1=True)]),
+        stepsize_controller=_FiniteStepPIDController(
+            rtol=rtol, atol=atol, stall_dt=_dtmin(t0, t1, jnp.promote_types(t0.dtype, ts.dtype))),
+        max_steps=max_steps, throw=False,
+        # References are targets, never differentiated: a plain while loop (no checkpointing scaffolding for
+        # reverse-mode AD) gives the same numbers and traces faster.
+        adjoint=diffrax.ForwardMode())
+    ys, y_end = solution.ys
+    t_end = solution.ts[1][0]
+    stalled = solution.result == diffrax.RESULTS.dt_min_reached
+    ok = solution.result == diffrax.RESULTS.successful
+    out_of_steps = solution.result == diffrax.RESULTS.max_steps_reached
+    return ys, solution.stats["num_steps"], ok, out_of_steps, stalled, t_end, y_end[0]
+
+  return jax.jit(jax.vmap(solve_one, in_axes=(0, 0, None, None)))
+
+
+# A compiled solve per (denoiser, solver, rtol, atol, max_steps): the jitted function keeps its executables per input
+# shape, dtype, labels or not and x64 mode, and takes the times as arguments, so another call with the same denoiser
+# object (a bound method ``g.denoise`` equals the next ``g.denoise``) and shapes compiles nothing, whatever its x_T,
+# labels or save sigmas (of the same count). The entries keep their denoisers (and what those hold) alive: bounded.
+_cached_build_solve = functools.lru_cache(maxsize=8)(_build_solve)
+
+
+def _solve_fn(denoiser: Callable[..., jax.Array], solver: str, rtol: float, atol: float,
+              max_steps: int) -> Callable[..., tuple]:
+  try:
+    hash(denoiser)
+  except TypeError:   # an unhashable callable (e.g. an instance of an eq-dataclass with __call__): compiled per call
+    return _build_solve(denoiser, solver, rtol, atol, max_steps)
+  return _cached_build_solve(denoiser, solver, rtol, atol, max_steps)
+
+
 def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, save_sigmas: Any, *,
                            sigma_start: float | None = None, solver: str = "tsit5", rtol: float = 1e-5,
                            atol: float = 1e-5, max_steps: int = 16384, batch_size: int | None = None,
                            labels: jax.Array | None = None, progress: bool = True) -> Reference:
   """Solves ``dx/dsigma = (x - D(x, sigma)) / sigma`` from ``x_T`` at ``sigma_start`` and saves it at ``save_sigmas``.
 
+  The solve is compiled once per denoiser object, solver, tolerances, ``max_steps`` and input shapes/dtypes, and
+  reused by later calls (another ``x_T``, ``labels`` or save grid of the same length compiles nothing). So the
+  denoiser must be a pure function of its arguments: what it reads from elsewhere is frozen at its first trace.
+
   Args:
-    denoiser: ``D(x [b, *data_shape], sigma) -> x0_hat``, e.g. ``make_denoiser(...)`` or ``Gaussian(...).denoise``.
-      With ``labels``, it is called as ``denoiser(x, sigma, label=label [b])``.
-    x_T: [B, *data_shape], the noise at ``sigma_start``; its dtype is the dtype of the solve.
+    denoiser: ``D(x [b, *data_shape], sigma) -> x0_hat``, e.g. ``make_denoiser(...)`` or ``Gaussian(...).denoise``;
+      ``sigma`` is a scalar of the solve's dtype, ``b`` is 1 (each sample is its own ODE, vmapped). With ``labels``,
+      it is called as ``denoiser(x, sigma, label=label [b])``.
+    x_T: [B, *data_shape], finite floating, the noise at ``sigma_start``. The solve runs in its dtype, or in float32
+      for a bfloat16 or float16 ``x_T`` (``coefficient_dtype``: a low-precision state cannot meet rtol ~1e-5).
     save_sigmas: [S] strictly decreasing, > 0, the noise levels at which states are saved.
     sigma_start: the noise level of ``x_T`` (default ``save_sigmas[0]``, whose state is then ``x_T`` itself).
     solver: ``tsit5``, ``dopri5`` or ``dopri8`` (``REFERENCE_SOLVERS``).
     rtol, atol: tolerances of diffrax's ``PIDController``, per sample.
-    max_steps: the most steps one sample may take; reaching it is an error.
+    max_steps: the most steps (accepted and rejected) one sample may take; reaching it is an error.
     batch_size: samples per jitted call (default: all at once); the last chunk is padded so that it compiles once.
     labels: optional per-sample class labels [B], chunked with ``x_T`` and passed to the denoiser.
     progress: show a tqdm bar over samples (rate and ETA).
+
+  Returns:
+    A ``Reference``: states [S, B, *data_shape] in the solve's dtype (``coefficient_dtype(x_T.dtype)``), nfe [B]
+    int64, sigmas [S] (``save_sigmas`` in that dtype).
+
+  Raises:
+    ValueError: bad ``x_T`` (not floating [B, ...], or not finite), ``labels``, ``save_sigmas``, ``sigma_start``,
+      tolerances, ``max_steps`` or ``batch_size``. KeyError: an unknown ``solver``.
+    NonFiniteDenoiserError: the denoiser returned NaN or inf for some samples (the solve stops at the first such
+      evaluation, after a few rejected steps, not at ``max_steps``); it names the samples and the sigma.
+    ReferenceSolveError: ``max_steps`` reached, or the step size fell below the float resolution of the time (a
+      finite field too stiff or discontinuous for ``rtol``/``atol`` in this dtype). Both are ``RuntimeError``s.
   """
-  method = REFERENCE_SOLVERS.get(solver)()
-  evals = evals_per_step(method)
+  REFERENCE_SOLVERS.get(solver)
   x_T = jnp.asarray(x_T)
   if x_T.ndim < 2 or not jnp.issubdtype(x_T.dtype, jnp.floating):
     raise ValueError(f"x_T must be a floating array of shape [batch, *data_shape], got {x_T.dtype}{list(x_T.shape)}")
+  # A reference is a target at rtol ~1e-5: a bfloat16 or float16 state cannot hold it (its step control stalls), so
+  # the solve runs in float32 or wider (``coefficient_dtype``) and so do the returned states.
+  x_T = x_T.astype(coefficient_dtype(x_T.dtype))
   num = x_T.shape[0]
   if labels is not None:
     labels = jnp.asarray(labels)
@@ -173,6 +329,9 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = min(batch_size, num)
   sigmas, start = _check_save_sigmas(save_sigmas, sigma_start, x_T.dtype)
+  finite = np.isfinite(np.asarray(x_T)).reshape(num, -1).all(axis=1)
+  if not finite.all():
+    raise ValueError(f"x_T must be finite; samples {np.flatnonzero(~finite)[:8].tolist()} are not")
 
   if start == float(sigmas[-1]):  # a single save sigma at the start: nothing to integrate
     return Reference(np.asarray(x_T)[None], np.zeros((num,), np.int64), sigmas)
@@ -182,28 +341,11 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
   ts = -np.log(sigmas)
   # float rounding of log must not push a save time outside [t0, t1]
   ts = np.clip(ts, t_start, ts[-1])
+  times = (jnp.asarray(t_start), jnp.asarray(ts))   # their own dtypes (ts of bfloat16 sigmas is float32, say)
+  rtol, atol, max_steps = float(rtol), float(atol), int(max_steps)
+  solve_chunk = _solve_fn(denoiser, solver, rtol, atol, max_steps)
+  evals = evals_per_step(REFERENCE_SOLVERS.get(solver)())
 
-  def vector_field(t, x, label):
-    sigma = jnp.exp(-t).astype(dtype)
-    if label is None:
-      x0_hat = denoiser(x[None], sigma)
-    else:
-      x0_hat = denoiser(x[None], sigma, label=label[None])
-    return x0_hat[0].astype(dtype) - x          # dx/dt with t = -log(sigma)
-
-  def solve_one(x, label):
-    solution = diffrax.diffeqsolve(
-        diffrax.ODETerm(vector_field), method, t0=t_start, t1=ts[-1], dt0=None, y0=x, args=label,
-        saveat=diffrax.SaveAt(ts=ts), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        max_steps=max_steps, throw=False,
-        # References are targets, never differentiated: a plain while loop (no checkpointing scaffolding for
-        # reverse-mode AD) gives the same numbers and traces faster.
-        adjoint=diffrax.ForwardMode())
-    ok = solution.result == diffrax.RESULTS.successful
-    out_of_steps = solution.result == diffrax.RESULTS.max_steps_reached
-    return solution.ys, solution.stats["num_steps"], ok, out_of_steps
-
-  solve_chunk = jax.jit(jax.vmap(solve_one))
   states, num_steps = [], []
   with tqdm.tqdm(total=num, unit="sample", desc=f"reference ({solver})", disable=not progress,
                  dynamic_ncols=True) as bar:
@@ -212,13 +354,11 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
       pad = batch_size - (end - begin)
       x_chunk = _pad_rows(x_T[begin:end], pad)
       label_chunk = None if labels is None else _pad_rows(labels[begin:end], pad)
-      ys, steps, ok, out_of_steps = jax.device_get(solve_chunk(x_chunk, label_chunk))
-      ys, steps, ok, out_of_steps = ys[:end - begin], steps[:end - begin], ok[:end - begin], out_of_steps[:end - begin]
+      out = jax.device_get(solve_chunk(x_chunk, label_chunk, *times))
+      ys, steps, ok, out_of_steps, stalled, t_end, y_end = (a[:end - begin] for a in out)
       if not np.all(ok):
-        bad = np.flatnonzero(~ok) + begin
-        why = (f"max_steps={max_steps} reached; raise max_steps or loosen rtol/atol" if np.any(out_of_steps)
-               else "the solver stopped (non-finite values or step size underflow); check the denoiser")
-        raise RuntimeError(f"reference solve failed for {bad.size} sample(s), first indices {bad[:8].tolist()}: {why}")
+        _raise_failure(denoiser, solver, rtol, atol, max_steps, dtype, begin, ok, out_of_steps, stalled, steps,
+                       t_end, y_end, None if labels is None else labels[begin:end], times)
       states.append(ys)
       num_steps.append(steps)
       bar.update(end - begin)
@@ -228,6 +368,75 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
     states[0] = np.asarray(x_T)  # the state at the start is x_T by definition; make it so bit for bit
   nfe = np.concatenate(num_steps).astype(np.int64) * evals + 1
   return Reference(states, nfe, sigmas)
+
+
+def _nonfinite_nearby(denoiser: Callable[..., jax.Array], solver: str, dtype: Any, x: np.ndarray, t: np.ndarray,
+                      labels: jax.Array | None, dtmin: float) -> np.ndarray:
+  """[n] bool: does the denoiser return a non-finite value at ``(x[i], exp(-t[i]))`` or at a stage of a step of
+  ``solver`` from there of length 1, 2, 5, 10 or 100 x ``dtmin``? (A solve that stopped at ``(t, x)`` with its step
+  size below ``dtmin`` last tried a step of length in [dtmin, 5 dtmin).) ``dtype``: x_T's, as in the solve."""
+  evaluate = jax.jit(jax.vmap(functools.partial(_call_denoiser, denoiser, dtype)))
+  tableau = REFERENCE_SOLVERS.get(solver)().tableau
+  x, t = np.asarray(x), np.asarray(t)
+  axes = tuple(range(1, x.ndim))
+  with np.errstate(all="ignore"):        # samples already found non-finite carry NaNs through the stages
+
+    def field(time, y):
+      d = np.asarray(evaluate(jnp.asarray(y, x.dtype), jnp.asarray(time, t.dtype), labels))
+      return ~np.isfinite(d).all(axis=axes), d.astype(x.dtype) - y
+
+    bad, k0 = field(t, x)
+    for multiple in (1, 2, 5, 10, 100):
+      h = multiple * dtmin
+      ks = [k0]
+      for c, a in zip(tableau.c, tableau.a_lower):
+        y = x + sum(float(h * a_j) * k_j for a_j, k_j in zip(a, ks))
+        stage_bad, k = field(t + np.asarray(c * h, t.dtype), y.astype(x.dtype))
+        bad |= stage_bad
+        ks.append(k)
+  return bad
+
+
+def _raise_failure(denoiser, solver, rtol, atol, max_steps, dtype, begin, ok, out_of_steps, stalled, steps, t_end,
+                   y_end, labels, times) -> None:
+  """Raises the error for the failed samples (``~ok``) of the chunk that starts at sample ``begin``."""
+
+  def details(mask):
+    idx = np.flatnonzero(mask)
+    sigma = np.exp(-np.asarray(t_end[idx], np.float64))
+    where = f"at sigma ≈ {sigma[0]:.6g}"
+    if idx.size > 1 and sigma.min() != sigma.max():
+      where += f" (sample {idx[0] + begin}; sigma {sigma.min():.6g} to {sigma.max():.6g} over these samples)"
+    head = f"{idx.size} sample(s), first indices {(idx[:8] + begin).tolist()}"
+    return head, where, dict(indices=idx + begin, sigmas=sigma, num_steps=steps[idx])
+
+  t0, ts = (np.asarray(a) for a in times)
+  dtmin = float(_dtmin(float(t0), float(ts[-1]), jnp.promote_types(t0.dtype, ts.dtype)))
+  nonfinite = np.zeros_like(stalled)
+  if np.any(stalled):
+    stuck = np.flatnonzero(stalled)
+    nonfinite[stuck] = _nonfinite_nearby(denoiser, solver, dtype, y_end[stuck], t_end[stuck],
+                                         None if labels is None else labels[stuck], dtmin)
+  if np.any(nonfinite):
+    head, where, info = details(nonfinite)
+    others = int(np.sum(~ok & ~nonfinite))
+    raise NonFiniteDenoiserError(
+        f"reference solve stopped: the denoiser returned non-finite values (nan/inf) for {head}, {where}; "
+        f"check the denoiser (and its parameters) there"
+        + (f" ({others} other sample(s) of samples {begin}..{begin + ok.size - 1} failed otherwise)" if others else ""),
+        **info)
+  if np.any(stalled):
+    head, where, info = details(stalled)
+    raise ReferenceSolveError(
+        f"reference solve failed for {head}: the step size fell below dtmin={dtmin:.3g} (in log-sigma) {where}, "
+        f"with finite denoiser values there: the field is too stiff or discontinuous for rtol={rtol}, atol={atol} "
+        f"in {np.dtype(dtype).name}; loosen rtol/atol or solve in float64", **info)
+  if np.any(out_of_steps):
+    head, where, info = details(out_of_steps)
+    raise ReferenceSolveError(f"reference solve failed for {head}: max_steps={max_steps} reached ({where}); raise "
+                              f"max_steps or loosen rtol/atol", **info)
+  head, where, info = details(~ok)
+  raise ReferenceSolveError(f"reference solve failed for {head}: the solver stopped {where}", **info)
 
 
 def _pad_rows(x: jax.Array, pad: int) -> jax.Array:
@@ -254,13 +463,33 @@ def teacher_identity(params: Any, backbone: Any = None) -> str:
 
 def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed: int, num: int,
                   data_shape: tuple[int, ...], save_sigmas: Any, solver: str, rtol: float, atol: float,
-                  extra: dict | None = None, *, sigma_start: float | None = None, noise_dtype: Any = jnp.float32,
-                  label_seed: int | None = None) -> dict:
-  """The key parts that identify a reference: teacher, noise, save sigmas (exact bytes), solver and tolerances.
+                  extra: dict | None = None, *, x_T: Any, sigma_start: float | None = None, noise_dtype: Any = None,
+                  labels: Any = None, label_seed: int | None = None) -> dict:
+  """The key parts that identify a reference: teacher, noise (its content), labels (their content), save sigmas
+  (exact bytes), solver and tolerances.
 
-  ``sigma_start`` is the noise level of ``x_T`` (default ``save_sigmas[0]``); ``noise_dtype`` the dtype of ``x_T``
-  (and of the solve); ``label_seed`` the seed of a conditional teacher's labels; ``extra`` anything else that changes
-  the result (a JSON-able dict).
+  The noise and the labels are keyed by a hash of their bytes, dtype and shape (``hash_pytree``), not by the seeds
+  they were drawn from: the same seed gives other noise under another PRNG implementation, JAX version or
+  ``jax_threefry_partitionable`` setting, and a cached reference of other noise must not be served for it.
+
+  Args:
+    teacher_hash: e.g. ``teacher_identity(params, backbone)``, or ``hash_json(teacher)`` for a closed-form teacher.
+    precond: the teacher's preconditioning (None for a closed-form teacher).
+    noise_seed: the seed ``x_T`` was drawn from (kept in the key for the readable ``.json``).
+    num, data_shape: ``x_T``'s shape is ``(num, *data_shape)``.
+    save_sigmas: [S] floating, the save noise levels.
+    solver, rtol, atol: as given to ``reference_trajectories``.
+    extra: anything else that changes the result (a JSON-able dict).
+    x_T: [num, *data_shape] floating (numpy or jax), the noise itself (required).
+    sigma_start: the noise level of ``x_T`` (default ``save_sigmas[0]``).
+    noise_dtype: the dtype of ``x_T`` and of the solve; default ``x_T``'s, and if given it must be ``x_T``'s.
+    labels: [num] integer, a conditional teacher's class labels (None: unconditional).
+    label_seed: the seed the labels were drawn from (readable only; needs ``labels``).
+
+  Raises:
+    TypeError: ``teacher_hash`` is not a non-empty string. KeyError: an unknown solver. ValueError: ``save_sigmas``
+      not a 1-D floating array; ``x_T`` not of shape ``(num, *data_shape)``, not floating, or not of ``noise_dtype``;
+      ``labels`` not of shape ``(num,)``; ``label_seed`` without ``labels``.
   """
   if not isinstance(teacher_hash, str) or not teacher_hash:
     raise TypeError(f"teacher_hash must be a non-empty string (e.g. teacher_identity(params, backbone)), "
@@ -270,20 +499,33 @@ def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed
   if sigmas.ndim != 1 or sigmas.shape[0] < 1 or not np.issubdtype(sigmas.dtype, np.floating):
     raise ValueError(f"save_sigmas must be a 1-D floating array, got {sigmas.dtype}{list(sigmas.shape)}")
   sigmas = np.ascontiguousarray(sigmas)
+  shape = (int(num), *(int(d) for d in data_shape))
+  noise = np.asarray(x_T)
+  if noise.shape != shape or not jnp.issubdtype(noise.dtype, jnp.floating):
+    raise ValueError(f"x_T must be a floating array of shape (num, *data_shape) = {shape}, got "
+                     f"{noise.dtype}{list(noise.shape)}")
+  if noise_dtype is not None and np.dtype(noise_dtype) != noise.dtype:
+    raise ValueError(f"noise_dtype={np.dtype(noise_dtype).name} but x_T is {noise.dtype.name}")
+  if label_seed is not None and labels is None:
+    raise ValueError("label_seed without labels: the key holds the labels themselves; pass labels=")
   key = {
       "format": REFERENCE_FORMAT_VERSION,
       "teacher": teacher_hash,
       "precond": to_jsonable(precond),
-      "noise": {"seed": int(noise_seed), "num": int(num), "data_shape": [int(d) for d in data_shape],
-                "dtype": np.dtype(noise_dtype).name,
+      "noise": {"seed": int(noise_seed), "num": shape[0], "data_shape": list(shape[1:]),
+                "dtype": noise.dtype.name, "sha256": hash_pytree(noise),
                 "sigma_start": float(sigmas[0] if sigma_start is None else sigma_start)},
       "save_sigmas": {"dtype": sigmas.dtype.name, "values": [float(s) for s in sigmas],
                       "bytes": sigmas.astype(sigmas.dtype.newbyteorder("<")).tobytes().hex()},
       "solver": {"name": solver, "rtol": float(rtol), "atol": float(atol)},
       "extra": to_jsonable(extra if extra is not None else {}),
   }
-  if label_seed is not None:
-    key["labels"] = {"seed": int(label_seed)}
+  if labels is not None:
+    label_array = np.asarray(labels)
+    if label_array.shape != (shape[0],):
+      raise ValueError(f"labels must have shape ({shape[0]},) (one per sample of x_T), got {label_array.shape}")
+    key["labels"] = {"seed": None if label_seed is None else int(label_seed), "dtype": label_array.dtype.name,
+                     "sha256": hash_pytree(label_array)}
   return key
 
 
@@ -380,8 +622,14 @@ def seeded_reference(denoiser: Callable[..., jax.Array], *, teacher_hash: str, p
                      labels: jax.Array | None = None, label_seed: int | None = None,
                      cache: ReferenceCache | None = None, batch_size: int | None = None,
                      progress: bool = True) -> tuple[jax.Array, Reference]:
-  """``(x_T, reference)`` for the noise ``reference_noise(noise_seed, num, data_shape, sigma_max)``, from ``cache``
-  when it holds it (``sigma_max`` defaults to ``save_sigmas[0]``; ``labels`` need their ``label_seed`` for the key)."""
+  """``(x_T, reference)`` for the noise ``x_T = reference_noise(noise_seed, num, data_shape, sigma_max, dtype)``,
+  from ``cache`` when it holds a reference of this very ``x_T`` (and ``labels``; the key holds their content hashes,
+  so noise that the same seed draws differently, e.g. under another PRNG implementation, is a miss).
+
+  ``sigma_max`` defaults to ``save_sigmas[0]``; ``labels`` [num] and their ``label_seed`` go together (the seed is
+  recorded in the key's JSON). Returns ``x_T`` [num, *data_shape] of ``dtype`` and the ``Reference``; raises what
+  ``reference_trajectories`` and ``reference_key`` raise.
+  """
   if (labels is None) != (label_seed is None):
     raise ValueError("labels and label_seed go together: the seed names the labels in the cache key")
   sigma_max = float(np.asarray(save_sigmas)[0]) if sigma_max is None else float(sigma_max)
@@ -394,5 +642,5 @@ def seeded_reference(denoiser: Callable[..., jax.Array], *, teacher_hash: str, p
   if cache is None:
     return x_T, compute()
   key = reference_key(teacher_hash, precond, noise_seed, num, data_shape, save_sigmas, solver, rtol, atol, extra,
-                      sigma_start=sigma_max, noise_dtype=dtype, label_seed=label_seed)
+                      x_T=x_T, sigma_start=sigma_max, labels=labels, label_seed=label_seed)
   return x_T, cache.get_or_compute(key, compute)

@@ -300,17 +300,9 @@ def test_idx_missing_files_and_bad_split(tmp_path):
 # Fashion-MNIST
 
 
-def _have_fashion_mnist() -> bool:
-  return all(os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, f + ".gz")) or
-             os.path.isfile(os.path.join(data.FASHION_MNIST_DIR, f)) for pair in data._IDX_FILES.values() for f in pair)
-
-
-@pytest.mark.skipif(not _have_fashion_mnist(),
-                    reason=f"Fashion-MNIST IDX files not in {data.FASHION_MNIST_DIR} "
-                           "(install with `apt-get install dataset-fashion-mnist`)")
-def test_real_fashion_mnist_files():
+def test_real_fashion_mnist_files(fashion_mnist):  # skipped without the data (failed under MTEO_REQUIRE_REAL_DATA)
   for split, size in (("train", 60000), ("test", 10000)):
-    ds = data.get_dataset("fashion_mnist", split)
+    ds = fashion_mnist(split)
     assert len(ds) == size and ds.data_shape == (28, 28, 1) and ds.num_classes == 10
     batch = ds.get_batch(np.arange(size))
     assert batch["x"].dtype == np.float32 and batch["x"].min() == -1.0 and batch["x"].max() == 1.0

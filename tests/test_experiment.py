@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -10,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mteo_jax import experiment, mteo, train
-from test_cli import load_config_file, run_cli
+from test_cli import FAST_COMPILE, REPO, load_config_file, run_cli
 
 REQUIRED = {"method", "solver", "nfe", "rmse", "psnr", "train_seconds", "sample_seconds_per_1k", "n_eval"}
 
@@ -94,3 +96,111 @@ def test_sampling_time_benchmark_runs(tmp_path):
   assert set(on_disk["results"]) == {"euler", "dpmpp_2m"} == set(payload["results"])
   assert all(r["ratio"] > 0 for r in on_disk["results"].values())
   assert (tmp_path / "mteo_sampling_time.png").exists()
+
+
+# --- pictures for every data shape, and a picture that fails loses nothing ------------------------------------------
+
+# The issue's mixture: 16-D, 12 components, the whole data.options dict overridden (configs/gmm.py's tiny teacher).
+MIXTURE_16D = "{'mixture': 'random', 'num_components': 12, 'dim': 16, 'num_samples': 2048, 'seed': 0}"
+
+
+def _tiny_mteo(**overrides) -> str:
+  """A whole ``--config.mteo`` dict of tiny settings (configs/gmm.py:mteo sets only a few keys, and a flag can only
+  override keys the variant has); the teacher is then set by ``--config.mteo.teacher``, as in the issue."""
+  job = {"teacher": "pretrained:gmm", "solvers": ("euler", "dpmpp_2m"), "nfes": (3,), "steps": 20, "batch_size": 32,
+         "num_train": 64, "num_eval": 64, "eval_batch_size": 32, "eval_every": 10, "checkpoint_every": 20,
+         "teacher_steps": 4, "grid_size": 64, "learning_rate": 2e-2, "progress": False,
+         "reference": {"solver": "tsit5", "rtol": 1e-3, "atol": 1e-3, "batch_size": 64}, **overrides}
+  return f"--config.mteo={job!r}"
+
+
+def _is_image(path) -> bool:
+  with Image.open(path) as image:
+    image.verify()
+    return image.format == "PNG" and min(image.size) > 50
+
+
+@pytest.fixture(scope="module")
+def gmm16_teacher(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("gmm16_teacher")
+  run_cli("--config=configs/gmm.py:tiny", f"--workdir={workdir}", f"--config.data.options={MIXTURE_16D}",
+          "--config.model.kwargs.data_dim=16", "--config.train.steps=40", "--config.train.sample_every=40",
+          "--config.train.sample_steps=2")
+  return workdir
+
+
+def test_main_job_on_a_16d_mixture_through_the_cli(gmm16_teacher, tmp_path):
+  """The issue's scenario at tiny size: results, and a PCA picture per row instead of a plotting error."""
+  # Teacher training drew its 16-D samples too (a projection, not skipped).
+  assert _is_image(gmm16_teacher / "samples" / "step_0000040.png")
+  run_cli("--config=configs/gmm.py:mteo", f"--workdir={tmp_path}", _tiny_mteo(),
+          f"--config.mteo.teacher={gmm16_teacher / 'teacher'}")
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["teacher"]["dataset"] == "gmm" and "picture_errors" not in results
+  rows = {(r["method"], r["solver"], r["nfe"]): r for r in results["rows"]}
+  assert {("teacher", "heun", 7), ("base", "euler", 3), ("mteo", "euler", 3), ("base", "dpmpp_2m", 3),
+          ("mteo", "dpmpp_2m", 3)} <= set(rows)
+  for solver in ("euler", "dpmpp_2m"):
+    base, tuned = rows[("base", solver, 3)], rows[("mteo", solver, 3)]
+    assert REQUIRED <= set(tuned) and base["n_eval"] == tuned["n_eval"] == 64
+    assert np.isfinite(tuned["log_likelihood"]) and np.isfinite(tuned["sliced_wasserstein"])
+    assert tuned["rmse"] < base["rmse"], (solver, base["rmse"], tuned["rmse"])
+    assert (tmp_path / "tables" / f"{solver}_nfe3").is_dir()
+  for name in ("reference", "euler", "euler_MTEO", "dpmpp_2m", "dpmpp_2m_MTEO"):
+    assert _is_image(tmp_path / f"samples_{name}.png"), name
+  assert _is_image(tmp_path / "rmse_bars.png")
+
+
+# The CLI with one picture broken: viz.save_samples_picture monkeypatched in the job's own process (a subprocess, as
+# run_cli, for XLA's cheap compile flags).
+_BROKEN_PICTURE_MAIN = """
+from absl import app
+from mteo_jax import main, viz
+drawn = viz.save_samples_picture
+def fail_one(samples, path, **kwargs):
+  if path.name == "samples_euler_MTEO.png":
+    raise RuntimeError("the plotting library broke")
+  return drawn(samples, path, **kwargs)
+viz.save_samples_picture = fail_one
+app.run(main.main)
+"""
+
+
+def test_a_picture_that_fails_loses_nothing(gmm16_teacher, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  proc = subprocess.run([sys.executable, "-c", _BROKEN_PICTURE_MAIN, "--config=configs/gmm.py:mteo",
+                         f"--workdir={tmp_path}", _tiny_mteo(solvers=("euler",), steps=10),
+                         f"--config.mteo.teacher={gmm16_teacher / 'teacher'}"],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]   # the job finishes
+  assert "picture samples_euler_MTEO.png not drawn: RuntimeError: the plotting library broke" in proc.stderr
+  results = json.loads((tmp_path / "results.json").read_text())
+  assert results["picture_errors"] == {"samples_euler_MTEO.png": "RuntimeError: the plotting library broke"}
+  assert [(r["method"], r["solver"]) for r in results["rows"]] == [("teacher", "heun"), ("base", "euler"),
+                                                                  ("mteo", "euler")]
+  assert all(np.isfinite(r["rmse"]) for r in results["rows"])
+  assert (tmp_path / "tables" / "euler_nfe3").is_dir()
+  assert not (tmp_path / "samples_euler_MTEO.png").exists()
+  for name in ("samples_reference.png", "samples_euler.png", "rmse_bars.png"):
+    assert _is_image(tmp_path / name), name
+
+
+@pytest.mark.parametrize("shape", [(1,), (2,), (3,), (16,), (4, 5), (8, 8, 1), (8, 8, 3), (8, 8, 2), (8, 8, 4)])
+def test_main_job_pictures_for_every_data_shape(tmp_path, shape):
+  rng = np.random.default_rng(0)
+  grid_rows = {name: rng.uniform(-1, 1, size=(12,) + shape).astype(np.float32)
+               for name in ("reference", "euler", "euler + MTEO")}
+  rows = [{"method": "base", "solver": "euler", "nfe": 3, "rmse": 0.3},
+          {"method": "mteo", "solver": "euler", "nfe": 3, "rmse": 0.1}]
+  job = experiment.MTEOJobConfig(teacher="unused")
+  assert experiment._pictures(tmp_path, grid_rows, rows, job) == {}
+  names = ["samples.png"] if len(shape) == 3 else ["samples_reference.png", "samples_euler.png",
+                                                    "samples_euler_MTEO.png"]
+  for name in names + ["rmse_bars.png"]:
+    assert _is_image(tmp_path / name), name
+  # Every picture is drawn on its own: with the bars broken (no rows), the samples are still there.
+  for name in names:
+    (tmp_path / name).unlink()
+  errors = experiment._pictures(tmp_path, grid_rows, [], job)
+  assert list(errors) == ["rmse_bars.png"] and "ValueError" in errors["rmse_bars.png"]
+  assert all(_is_image(tmp_path / name) for name in names)

@@ -48,11 +48,8 @@ def test_digits_accuracy_reproduces_the_stored_one(digits_net, digits_test):
   assert abs(accuracy - digits_net.metadata["test_accuracy"]) <= 1.0 / len(digits_test["label"]) + 1e-9
 
 
-def test_fmnist_accuracy_on_held_out_data():
-  try:
-    test = data.get_dataset("fashion_mnist", "test")
-  except FileNotFoundError as error:
-    pytest.skip(f"Fashion-MNIST data absent (apt-get install dataset-fashion-mnist): {error}")
+def test_fmnist_accuracy_on_held_out_data(fashion_mnist):
+  test = fashion_mnist("test")  # skipped without the data (failed under MTEO_REQUIRE_REAL_DATA)
   net = features.load_feature_network("fmnist")
   batch = test.get_batch(np.arange(2000))  # a fifth of the test split keeps this fast
   accuracy = net.accuracy(batch["x"], batch["label"])

@@ -12,10 +12,12 @@ from jax.experimental import io_callback
 
 from mteo_jax.closed_form import Gaussian, random_mixture
 from mteo_jax.diffusion import Preconditioning
+from mteo_jax.hashing import hash_json, hash_pytree
 from mteo_jax.nets import get_backbone
-from mteo_jax.reference import (REFERENCE_SOLVERS, CacheError, Reference, ReferenceCache, evals_per_step,
-                                reference_key, reference_noise, reference_trajectories, seeded_reference,
-                                teacher_identity, union_sigmas)
+from mteo_jax.reference import (REFERENCE_FORMAT_VERSION, REFERENCE_SOLVERS, CacheError, NonFiniteDenoiserError,
+                                Reference, ReferenceCache, ReferenceSolveError, evals_per_step, reference_key,
+                                reference_noise, reference_trajectories, seeded_reference, teacher_identity,
+                                union_sigmas)
 from mteo_jax.schedules import get_schedule
 
 SIGMAS = np.array([80.0, 20.0, 3.0, 0.5, 0.05, 0.002])
@@ -135,8 +137,90 @@ def test_bad_inputs_are_clear_errors():
     reference_trajectories(teacher.denoise, x_T, [80.0, 1.0], solver="rk4", progress=False)
   with pytest.raises(ValueError, match=r"shape \[batch, \*data_shape\]"):
     reference_trajectories(teacher.denoise, x_T[0], [80.0, 1.0], progress=False)
-  with pytest.raises(RuntimeError, match="max_steps=3 reached"):
+  with pytest.raises(RuntimeError, match=r"max_steps=3 reached \(at sigma ≈ .*\); raise max_steps"):
     reference_trajectories(teacher.denoise, x_T, [80.0, 0.002], max_steps=3, progress=False)
+
+
+# --- non-finite denoisers ---------------------------------------------------------------------------------------------
+
+def test_nan_denoiser_stops_early_naming_the_sample_and_sigma():
+  nan_denoiser = lambda x, s: jnp.full_like(x, jnp.nan)   # noqa: E731
+  with pytest.raises(NonFiniteDenoiserError) as info:
+    reference_trajectories(nan_denoiser, jnp.ones((1, 2)), np.array([80.0, 0.002], np.float32), progress=False)
+  error = info.value
+  assert str(error).startswith("reference solve stopped: the denoiser returned non-finite values (nan/inf) for "
+                               "1 sample(s), first indices [0], at sigma ≈ 80;"), str(error)
+  assert isinstance(error, FloatingPointError) and isinstance(error, RuntimeError)
+  assert error.indices.tolist() == [0] and np.allclose(error.sigmas, 80.0)
+  # It stopped after a few rejected steps (each 5x shorter), not after max_steps = 16384 of them.
+  assert error.num_steps.tolist() and error.num_steps.max() < 50, error.num_steps
+
+
+@pytest.mark.parametrize("kind", ["-inf", "nan_below_sigma_1", "inf_below_sigma_0.01"])
+def test_nonfinite_denoiser_is_found_where_it_happens(kind):
+  teacher = random_mixture(0, 3, 2)
+  threshold = {"-inf": np.inf, "nan_below_sigma_1": 1.0, "inf_below_sigma_0.01": 0.01}[kind]
+  bad_value = {"-inf": -jnp.inf, "nan_below_sigma_1": jnp.nan, "inf_below_sigma_0.01": jnp.inf}[kind]
+
+  def denoiser(x, sigma):
+    return jnp.where(sigma < threshold, bad_value, teacher.denoise(x, sigma))
+
+  x_T = reference_noise(1, 3, (2,), 80.0)
+  with pytest.raises(NonFiniteDenoiserError, match=r"non-finite values \(nan/inf\) for 3 sample\(s\), first indices "
+                                                   r"\[0, 1, 2\], at sigma ≈ ") as info:
+    reference_trajectories(denoiser, x_T, SIGMAS.astype(np.float32), progress=False)
+  error = info.value
+  assert error.indices.tolist() == [0, 1, 2]
+  expected = 80.0 if np.isinf(threshold) else threshold
+  # each solve stopped at the last state before the bad region: within a few minimal steps (~1e-5 in log sigma)
+  np.testing.assert_allclose(error.sigmas, expected, rtol=1e-4)
+  assert np.all(error.sigmas >= expected * (1 - 1e-6))
+  assert error.num_steps.max() < 200      # a legitimate solve of this mixture takes ~20 steps; max_steps is 16384
+
+
+def test_nonfinite_for_some_samples_with_labels_and_chunks_names_global_indices():
+  denoiser, _ = _conditional_gaussian_denoiser()
+
+  def broken(x, sigma, label):
+    # class 2 is NaN below sigma = 0.5 (depends on the label); inf where the state's first coordinate is positive
+    # for sigma in (20, 40) (depends on the state): there that sign is still x_T's (class means are within 4 of 0)
+    bad_class = (label == 2)[:, None] & (sigma < 0.5)
+    bad_state = (x[:, :1] > 0) & (sigma < 40.0) & (sigma > 20.0)
+    out = denoiser(x, sigma, label)
+    return jnp.where(bad_class, jnp.nan, jnp.where(bad_state, jnp.inf, out))
+
+  labels = jnp.array([0, 0, 1, 1, 2, 0, 2, 1])
+  x_T = jnp.stack([jnp.array([-50.0, -60.0, -70.0, -40.0, -30.0, 55.0, -45.0, 65.0]), jnp.full((8,), 20.0)], axis=1)
+  with pytest.raises(NonFiniteDenoiserError) as info:
+    # chunks [0, 3), [3, 6), [6, 8): the first failing chunk is the second; indices are into x_T
+    reference_trajectories(broken, x_T, SIGMAS.astype(np.float32), labels=labels, batch_size=3, progress=False)
+  error = info.value
+  assert error.indices.tolist() == [4, 5]
+  np.testing.assert_allclose(error.sigmas, [0.5, 40.0], rtol=1e-4)
+  assert "for 2 sample(s), first indices [4, 5], at sigma ≈ 0.5" in str(error)
+  assert error.num_steps.max() < 200
+  # the same samples alone, unchunked: the same verdict (samples 6 and 7 fail too, in the one chunk)
+  with pytest.raises(NonFiniteDenoiserError, match=r"for 4 sample\(s\), first indices \[4, 5, 6, 7\]"):
+    reference_trajectories(broken, x_T, SIGMAS.astype(np.float32), labels=labels, progress=False)
+
+
+def test_finite_step_size_underflow_and_max_steps_are_not_blamed_on_nans():
+  teacher = random_mixture(0, 3, 2)
+
+  def stiff(x, sigma):   # finite, but with a Lipschitz constant of 1e6 below sigma = 1: explicit RK steps underflow
+    return teacher.denoise(x, sigma) + jnp.where(sigma < 1.0, 1e6 * x, 0.0)
+
+  x_T = reference_noise(1, 2, (2,), 80.0)
+  with pytest.raises(ReferenceSolveError, match=r"for 2 sample\(s\), first indices \[0, 1\]: the step size fell below "
+                                                r"dtmin=.* at sigma ≈ 1.* with finite denoiser values") as info:
+    reference_trajectories(stiff, x_T, SIGMAS.astype(np.float32), progress=False)
+  assert not isinstance(info.value, NonFiniteDenoiserError)
+  assert info.value.num_steps.max() < 500
+  with pytest.raises(ReferenceSolveError, match="max_steps=3 reached") as info:
+    reference_trajectories(teacher.denoise, x_T, [80.0, 0.002], max_steps=3, progress=False)
+  assert not isinstance(info.value, NonFiniteDenoiserError) and info.value.num_steps.tolist() == [3, 3]
+  with pytest.raises(ValueError, match=r"x_T must be finite; samples \[1\]"):
+    reference_trajectories(teacher.denoise, x_T.at[1, 0].set(jnp.nan), [80.0, 0.002], progress=False)
 
 
 def test_single_save_sigma_at_start_is_the_noise():
@@ -172,6 +256,62 @@ def test_one_solve_at_the_union_equals_a_solve_per_grid():
     alone = reference_trajectories(teacher.denoise, x_T, grid, progress=False)
     np.testing.assert_allclose(joint.states[index], alone.states, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(joint.nfe, alone.nfe)
+
+
+class _CompileCounter:
+  """Counts XLA compilations (jax.monitoring's backend-compile events) while active."""
+
+  def __init__(self):
+    self.count = 0
+
+  def __call__(self, event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      self.count += 1
+
+  def __enter__(self):
+    jax.monitoring.register_event_duration_secs_listener(self)
+    return self
+
+  def __exit__(self, *exc):
+    jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_second_call_with_the_same_denoiser_compiles_nothing():
+  teacher = random_mixture(7, 3, 2)        # a new teacher: nothing of it is compiled yet
+  traces = [0]
+
+  def labelled_denoiser(x, sigma, label):
+    traces[0] += 1
+    return teacher.denoise(x, sigma) + 0.0 * label[:, None]
+
+  grid = SIGMAS.astype(np.float32)
+  other_grid = np.array([70.0, 10.0, 2.0, 0.3, 0.01, 0.002], np.float32)   # same length, other levels
+  x_T, other_x_T = reference_noise(5, 4, (2,), 80.0), reference_noise(6, 4, (2,), 80.0)
+  labels, other_labels = jnp.array([0, 1, 2, 1]), jnp.array([2, 2, 0, 1])
+  # A bound method is a new object on each access, equal to the last: ``teacher.denoise`` finds the compiled solve.
+  with _CompileCounter() as first:
+    reference_trajectories(teacher.denoise, x_T, grid, progress=False)
+  with _CompileCounter() as again:
+    same = reference_trajectories(teacher.denoise, x_T, grid, progress=False)
+    on_other_grid = reference_trajectories(teacher.denoise, x_T, other_grid, progress=False)
+    of_other_noise = reference_trajectories(teacher.denoise, other_x_T, grid, progress=False)
+  assert first.count > 0 and again.count == 0, (first.count, again.count)
+
+  with _CompileCounter() as first_labelled:
+    labelled = reference_trajectories(labelled_denoiser, x_T, grid, labels=labels, progress=False)
+  traced = traces[0]
+  with _CompileCounter() as again_labelled:
+    labelled_again = reference_trajectories(labelled_denoiser, other_x_T, other_grid, labels=other_labels,
+                                            progress=False)
+  assert first_labelled.count > 0 and again_labelled.count == 0 and traces[0] == traced > 0
+
+  # The reused solve computes the solve of its own inputs (times, noise and labels are arguments, not constants
+  # baked in at the first call): the same numbers as a solve compiled afresh for them.
+  fresh = lambda x, s: teacher.denoise(x, s)   # noqa: E731
+  np.testing.assert_array_equal(on_other_grid.sigmas, other_grid)
+  for ref, x, sigmas in [(same, x_T, grid), (on_other_grid, x_T, other_grid), (of_other_noise, other_x_T, grid),
+                         (labelled, x_T, grid), (labelled_again, other_x_T, other_grid)]:
+    np.testing.assert_array_equal(ref.states, reference_trajectories(fresh, x, sigmas, progress=False).states)
 
 
 def test_reference_noise_is_seeded():
@@ -210,12 +350,17 @@ def _params(seed: int = 0) -> dict:
                      "Dense_1": {"kernel": rs.randn(16, 2).astype(np.float32), "bias": np.zeros(2, np.float32)}}}
 
 
+def _noise(seed: int = 0, num: int = 4, dtype=np.float32) -> np.ndarray:
+  return (80.0 * np.random.RandomState(seed).randn(num, 2)).astype(dtype)
+
+
 def _mlp_key(params, **overrides):
   backbone = _BACKBONE
   args = dict(teacher_hash=teacher_identity(params, backbone), precond=Preconditioning(), noise_seed=0, num=4,
               data_shape=(2,), save_sigmas=np.array([80.0, 1.0, 0.002], np.float32), solver="tsit5", rtol=1e-5,
               atol=1e-5)
   args.update(overrides)
+  args.setdefault("x_T", _noise(args["noise_seed"], args["num"]))
   return reference_key(**args)
 
 
@@ -243,14 +388,19 @@ def test_cache_hits_and_misses(tmp_path):
       _mlp_key(params, save_sigmas=np.array([80.0, 1.0, np.nextafter(np.float32(0.002), np.float32(1))], np.float32)),
       _mlp_key(params, noise_seed=1),
       _mlp_key(params, num=5),
+      # the same seed, other noise (as another PRNG implementation would draw): one float one ulp off
+      _mlp_key(params, x_T=_noise(0) * np.float32(1 + 2 ** -23)),
+      _mlp_key(params, x_T=_noise(0)[::-1].copy()),
       _mlp_key(params, rtol=1e-6),
       _mlp_key(params, atol=1e-6),
       _mlp_key(params, solver="dopri8"),
       _mlp_key(params, precond=Preconditioning(sigma_data=1.0)),
-      _mlp_key(params, label_seed=7),
+      _mlp_key(params, labels=np.array([0, 1, 2, 0]), label_seed=7),
+      _mlp_key(params, labels=np.array([0, 1, 2, 1]), label_seed=7),                   # same seed, other labels
+      _mlp_key(params, labels=np.array([0, 1, 2, 1], np.int32), label_seed=7),         # same values, other dtype
       _mlp_key(params, extra={"labels": "balanced"}),
       _mlp_key(params, sigma_start=100.0),
-      _mlp_key(params, noise_dtype=jnp.float64),
+      _mlp_key(params, x_T=_noise(0, dtype=np.float64)),
   ]
   for i, other in enumerate(misses):
     cache.get_or_compute(other, compute)
@@ -269,6 +419,7 @@ def test_cache_files_are_readable_and_complete(tmp_path):
   assert npz.exists() and npz.name.startswith("reference-")
   info = json.loads(npz.with_suffix(".json").read_text())
   assert info["key"]["noise"]["seed"] == 0 and info["key"]["solver"] == {"name": "tsit5", "rtol": 1e-5, "atol": 1e-5}
+  assert info["key"]["noise"]["sha256"] == hash_pytree(_noise(0)) and info["key"]["format"] == REFERENCE_FORMAT_VERSION
   assert info["states_shape"] == [3, 4, 2]
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted([npz.name, npz.with_suffix(".json").name])
 
@@ -337,6 +488,64 @@ def test_seeded_reference_computes_once_then_loads(tmp_path):
     seeded_reference(teacher.denoise, label_seed=3, **kwargs)
 
 
+def test_cache_is_keyed_by_the_noise_not_its_seed(tmp_path):
+  """A cache filled while the seed drew other noise (here the old, non-partitionable threefry; likewise another PRNG
+  implementation or JAX version) must not serve that noise's reference for the noise the seed draws now."""
+  teacher = _gaussian()
+  save_sigmas = np.array([80.0, 1.0, 0.002], np.float32)
+  kwargs = dict(teacher_hash=hash_json(teacher), precond=None, noise_seed=3, num=5, data_shape=(4,),
+                save_sigmas=save_sigmas, cache=ReferenceCache(tmp_path), progress=False)
+  previous = jax.config.jax_threefry_partitionable
+  try:
+    jax.config.update("jax_threefry_partitionable", not previous)
+    old_x_T, old_ref = seeded_reference(teacher.denoise, **kwargs)
+  finally:
+    jax.config.update("jax_threefry_partitionable", previous)
+  x_T, ref = seeded_reference(teacher.denoise, **kwargs)
+  assert not np.allclose(old_x_T, x_T)                          # the same seed drew other noise
+  assert len(list(tmp_path.glob("*.npz"))) == 2                 # a miss: computed for this noise and stored
+  exact = np.stack([teacher.ode_solution(np.asarray(x_T, np.float64), 80.0, s) for s in save_sigmas.astype(float)])
+  assert np.abs(ref.states - exact).max() < 1e-3 * np.abs(exact).max()
+  assert np.abs(old_ref.states - exact).max() > 1.0             # what the seed-keyed cache used to return
+  _, loaded = seeded_reference(lambda x, sigma: 1 / 0, **kwargs)   # and now a hit
+  np.testing.assert_array_equal(loaded.states, ref.states)
+
+
+def test_cache_is_keyed_by_the_labels_not_their_seed(tmp_path):
+  denoiser, teacher_of = _conditional_gaussian_denoiser()
+  kwargs = dict(teacher_hash="conditional-gaussian", precond=None, noise_seed=2, num=4, data_shape=(2,),
+                save_sigmas=np.array([80.0, 0.002], np.float32), label_seed=9, cache=ReferenceCache(tmp_path),
+                progress=False)
+  labels = jnp.array([0, 1, 2, 1])
+  other_labels = jnp.array([2, 1, 0, 0])                     # the same seed, other labels
+  x_T, ref = seeded_reference(denoiser, labels=labels, **kwargs)
+  _, other = seeded_reference(denoiser, labels=other_labels, **kwargs)
+  assert len(list(tmp_path.glob("*.npz"))) == 2
+  for lab, result in [(labels, ref), (other_labels, other)]:
+    np.testing.assert_allclose(result.final, teacher_of(lab).ode_solution(x_T, 80.0, 0.002), rtol=1e-3, atol=1e-3)
+  _, loaded = seeded_reference(lambda x, sigma, label: 1 / 0, labels=other_labels, **kwargs)
+  np.testing.assert_array_equal(loaded.states, other.states)
+
+
+def test_reference_key_needs_the_noise_and_checks_it():
+  args = dict(teacher_hash="t", precond=None, noise_seed=0, num=4, data_shape=(2,),
+              save_sigmas=np.array([80.0, 0.002], np.float32), solver="tsit5", rtol=1e-5, atol=1e-5)
+  with pytest.raises(TypeError, match="x_T"):
+    reference_key(**args)                                      # the content is required, not only the seed
+  key = reference_key(**args, x_T=_noise(0), labels=np.array([0, 1, 0, 1]))
+  assert key["format"] == REFERENCE_FORMAT_VERSION == 2
+  assert key["noise"]["sha256"] == hash_pytree(_noise(0)) and key["noise"]["dtype"] == "float32"
+  assert key["labels"] == {"seed": None, "dtype": "int64", "sha256": hash_pytree(np.array([0, 1, 0, 1]))}
+  with pytest.raises(ValueError, match=r"shape \(num, \*data_shape\) = \(4, 2\), got float32\[3, 2\]"):
+    reference_key(**args, x_T=_noise(0, num=3))
+  with pytest.raises(ValueError, match="noise_dtype=float64 but x_T is float32"):
+    reference_key(**args, x_T=_noise(0), noise_dtype=np.float64)
+  with pytest.raises(ValueError, match=r"labels must have shape \(4,\)"):
+    reference_key(**args, x_T=_noise(0), labels=np.array([0, 1]))
+  with pytest.raises(ValueError, match="label_seed without labels"):
+    reference_key(**args, x_T=_noise(0), label_seed=3)
+
+
 # --- the benchmark ---------------------------------------------------------------------------------------------------
 
 def _load_benchmark():
@@ -372,3 +581,17 @@ def test_benchmark_options_are_checked():
     benchmark.parse_args(["--solvers", "rk4"])
   with pytest.raises(SystemExit):
     benchmark.parse_args(["--nfe-max", "2"])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_noise_is_solved_in_float32(dtype):
+  """A reference is a target at rtol ~1e-5, which a float16 state cannot meet (its step control stalled): the solve
+  runs in float32 and equals the float32 solve from the same (rounded) noise."""
+  teacher = random_mixture(0, 4, 2)
+  x_T = (80.0 * jax.random.normal(jax.random.key(0), (4, 2))).astype(dtype)
+  sigmas = np.array([80.0, 1.0, 0.002], np.float32)
+  low = reference_trajectories(teacher.denoise, x_T, sigmas, progress=False)
+  high = reference_trajectories(teacher.denoise, x_T.astype(jnp.float32), sigmas, progress=False)
+  assert low.states.dtype == np.float32
+  np.testing.assert_array_equal(low.states, high.states)
+  np.testing.assert_array_equal(low.nfe, high.nfe)
