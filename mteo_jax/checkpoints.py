@@ -5,6 +5,13 @@
 copied off the devices, so the next training step may donate them; every read waits for pending writes first.
 Typed PRNG keys (``jax.random.key``) are stored as key data and restored as typed keys of the same implementation.
 
+Interruptions: a save that was started either lands whole or is reported lost. ``close`` (and leaving a ``with``
+block, on any exception, ``KeyboardInterrupt`` and ``SystemExit`` included) waits for the pending save first; a save
+that could not complete is reported as a ``LostCheckpointWarning`` (and an absl warning) naming the directory and the
+step. A process killed mid-save (SIGKILL, power loss) leaves orbax's ``<step>.orbax-checkpoint-tmp`` directory behind:
+the next ``Checkpointer`` on that directory reports the lost step and the latest complete one, then removes the
+leftover. ``sigterm_as_exit`` turns SIGTERM into ``SystemExit`` so that a terminated training loop waits too.
+
 ``save_pytree`` writes one artefact, a directory of three files that numpy alone can read (no orbax, no nesting, so it
 ships as package data): ``arrays.npz`` (one entry per leaf), ``tree.json`` (the leaf paths, shapes and dtypes) and
 ``metadata.json`` (the caller's metadata).
@@ -15,16 +22,21 @@ Both check a restore target against what is stored before reading any array: ano
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import signal
+import threading
 import uuid
-from typing import Any
+import warnings
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 PYTREE_FORMAT = "mteo_jax.pytree"
@@ -127,8 +139,74 @@ def _local_or_remote(path: os.PathLike | str) -> epath.Path:
 # Training checkpoints
 
 
+class LostCheckpointWarning(UserWarning):
+  """A checkpoint save that was started but never completed: its step cannot be restored."""
+
+
+def _report_lost(message: str) -> None:
+  logging.warning("%s", message)
+  warnings.warn(message, LostCheckpointWarning, stacklevel=3)
+
+
+def _unfinished_writes(directory: epath.Path) -> list[tuple[int | None, epath.Path]]:
+  """``(step, path)`` of every temporary directory that a save left in ``directory`` without finalising it.
+
+  With orbax 0.12 on a local disk that is ``<step>.orbax-checkpoint-tmp`` (older versions appended ``-<timestamp>``);
+  on GCS it is a ``<step>`` directory without its commit file. ``step`` is None for a name without a step.
+  """
+  found = []
+  for temporary in ocp.path.step.all_temporary_paths(directory):
+    path = temporary.get()
+    try:
+      step = ocp.path.step.step_from_checkpoint_name(path.name)
+    except ValueError:
+      step = None
+    found.append((step, path))
+  return sorted(found, key=lambda item: (item[0] is None, item[0] or 0, item[1].name))
+
+
+def _remove(paths: list[epath.Path]) -> None:
+  if jax.process_index() != 0:  # one process removes, as orbax does
+    return
+  for path in paths:
+    try:
+      path.rmtree()
+    except FileNotFoundError:
+      pass
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+  """Within the block, SIGTERM raises ``SystemExit(143)`` in the main thread instead of ending the process on the spot.
+
+  Python's default for SIGTERM (``kill PID``, a scheduler's pre-emption notice) skips every ``finally`` block, so a
+  pending asynchronous checkpoint would be lost; as an exception it unwinds the training loop, which waits for the
+  save and then exits. Does nothing off the main thread or when SIGTERM already has a handler; the default comes back
+  after the block.
+  """
+  if (threading.current_thread() is not threading.main_thread()
+      or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+    yield
+    return
+
+  def terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+  signal.signal(signal.SIGTERM, terminate)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 class Checkpointer:
-  """The newest ``max_to_keep`` checkpoints of a run in ``directory``, saved every ``save_interval_steps`` steps."""
+  """The newest ``max_to_keep`` checkpoints of a run in ``directory``, saved every ``save_interval_steps`` steps.
+
+  Use it as a context manager (or call ``close``): leaving the block, on success or on any exception, waits for the
+  pending save, so that a step whose save was started is on disk before an interrupt propagates. Opening a directory
+  reports (``LostCheckpointWarning``) and removes what saves killed mid-write left there; a directory belongs to one
+  run at a time, so an unfinished save in it is one that will never finish.
+  """
 
   def __init__(self, directory: os.PathLike | str, *, max_to_keep: int = 3, save_interval_steps: int = 1000):
     for label, value in (("max_to_keep", max_to_keep), ("save_interval_steps", save_interval_steps)):
@@ -136,17 +214,56 @@ class Checkpointer:
         raise ValueError(f"{label} must be a positive integer, got {value!r}")
     self.directory = _local_or_remote(directory)
     self.max_to_keep, self.save_interval_steps = int(max_to_keep), int(save_interval_steps)
+    self._pending: set[int] = set()  # steps whose save was started and not yet seen to land
+    self._start_errors: dict[int, str] = {}  # pending steps whose `save` call itself raised: why
+    self._closed = False
+    # Leftovers are removed by `_clear_unfinished_writes` (reported first, synchronously), not by orbax's
+    # `cleanup_tmp_directories`, which deletes them in the background, unreported, before the first save.
     options = ocp.CheckpointManagerOptions(max_to_keep=self.max_to_keep, save_interval_steps=self.save_interval_steps)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         # Handlers named up front: a fresh manager on an existing run can then read item metadata before any save.
         item_handlers={"state": ocp.StandardCheckpointHandler(), "metadata": ocp.JsonCheckpointHandler()})
+    try:
+      self._clear_unfinished_writes()
+    except BaseException:
+      self._manager.close()
+      raise
+
+  def _resume_note(self) -> str:
+    steps = self._manager.all_steps()
+    if steps:
+      return f"the latest complete checkpoint is step {max(steps)}, where a resumed run restarts"
+    return "there is no complete checkpoint, so a resumed run starts from step 0"
+
+  def _clear_unfinished_writes(self) -> None:
+    """Report, then remove, the temporary directories of saves that never completed (a process killed mid-save)."""
+    leftovers = _unfinished_writes(self.directory)
+    if not leftovers:
+      return
+    complete = set(self._manager.all_steps())
+    for step in sorted({s for s, _ in leftovers if s is not None}):
+      names = ", ".join(p.name for s, p in leftovers if s == step)
+      if step in complete:  # a second, unfinished write of a step that is complete: nothing is lost
+        logging.warning("removing %s in %s: an unfinished write of step %d, which is complete", names,
+                        self.directory, step)
+      else:
+        _report_lost(f"checkpoint step {step} in {self.directory} was interrupted while being written and is lost; "
+                     f"{self._resume_note()} (removing the unfinished {names})")
+    unnamed = [p.name for s, p in leftovers if s is None]
+    if unnamed:
+      _report_lost(f"{self.directory} holds unfinished checkpoint writes {unnamed}; {self._resume_note()} "
+                   "(removing them)")
+    _remove([p for _, p in leftovers])
 
   def save(self, step: int, state: Any, metadata: dict | None = None, *, force: bool = False) -> bool:
     """Save ``state`` at ``step`` if ``step`` is a multiple of ``save_interval_steps`` or ``force``; True if saved.
 
     A step already saved is skipped (False) unless ``force``, which refuses to overwrite it; a step older than the
     latest saved one is an error (a run writing into another run's directory), so nothing is silently replaced.
+    The save goes on in the background after this returns; ``close`` waits for it. A save that is interrupted while
+    starting (an exception or ``KeyboardInterrupt`` inside this call) is checked by ``close`` like any other: it
+    landed, or it is reported lost and its temporary directory removed.
     """
     if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
       raise ValueError(f"step must be a non-negative integer, got {step!r}")
@@ -159,8 +276,20 @@ class Checkpointer:
       if force:
         raise ValueError(f"step {step} is already saved in {self.directory}; a checkpoint is never overwritten")
       return False
+    if not force and not self._manager.should_save(step):
+      return False
+    # Orbax waits for the previous save before starting the next; waiting here first reports its failure as its own.
+    self.wait_until_finished()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(_to_json(metadata)))
-    return bool(self._manager.save(step, args=args, force=force))
+    self._pending.add(step)
+    try:
+      saved = bool(self._manager.save(step, args=args, force=force))
+    except BaseException as error:
+      self._start_errors[step] = f"its save was interrupted while starting ({type(error).__name__}: {error})"
+      raise
+    if not saved:
+      self._pending.discard(step)
+    return saved
 
   def latest_step(self) -> int | None:
     """The newest saved step, or None when there is none (waits for pending saves)."""
@@ -209,18 +338,82 @@ class Checkpointer:
     return dict(restored["metadata"] or {})
 
   def wait_until_finished(self) -> None:
-    """Block until every asynchronous save has been written."""
-    self._manager.wait_until_finished()
+    """Block until every asynchronous save has been written.
+
+    A save that could not complete is reported (``LostCheckpointWarning``), its temporary directory removed, and the
+    error raised. If the wait itself is interrupted (``KeyboardInterrupt``, ``SystemExit``), the pending step is
+    reported as still being written (it lands if the process lives long enough; otherwise the next ``Checkpointer``
+    on the directory reports it lost) and the interrupt propagates.
+    """
+    pending = sorted(self._pending)
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:
+      self._pending.clear()
+      self._report_unlanded(pending, f"its write failed ({type(error).__name__}: {error})")
+      raise
+    except BaseException:
+      for step in pending:
+        _report_lost(f"checkpoint step {step} in {self.directory} was still being written when the wait for it was "
+                     "interrupted; it is lost if the process ends before the write does (the next run reports it)")
+      raise
+    self._pending.clear()
+    self._report_unlanded(pending, "its write did not complete")
+
+  def _report_unlanded(self, steps: list[int], reason: str) -> None:
+    """Report the ``steps`` whose save was started and is not on disk, and remove their temporary directories."""
+    start_errors, self._start_errors = self._start_errors, {}
+    if not steps:
+      return
+    landed = set(ocp.path.step.checkpoint_steps(self.directory))
+    lost = [step for step in steps if step not in landed]
+    if not lost:
+      return
+    with contextlib.suppress(Exception):
+      self._manager.reload()  # forget the lost steps that orbax may still list
+    leftovers = _unfinished_writes(self.directory)
+    for step in lost:
+      _report_lost(f"checkpoint step {step} in {self.directory} was not saved: "
+                   f"{start_errors.get(step, reason)}; it is lost and {self._resume_note()}")
+    _remove([path for s, path in leftovers if s in lost])
 
   def close(self) -> None:
-    """Finish pending saves and release orbax's resources."""
+    """Finish pending saves and release orbax's resources (idempotent).
+
+    Raises, after releasing what it can, when a pending save could not complete (reported as in
+    ``wait_until_finished``); an interrupt while waiting propagates at once, leaving the background write running and
+    the checkpointer open (a second ``close`` waits again).
+    """
+    if self._closed:
+      return
+    try:
+      self.wait_until_finished()
+    except Exception:
+      self._closed = True
+      with contextlib.suppress(Exception):  # orbax re-raises the failed save on every wait, its close included
+        self._manager.close()
+      raise
+    # An interrupted wait (KeyboardInterrupt, SystemExit) propagates above with the manager open: closing again waits.
+    self._closed = True
     self._manager.close()
 
   def __enter__(self) -> "Checkpointer":
     return self
 
-  def __exit__(self, *exc_info) -> None:
-    self.close()
+  def __exit__(self, exc_type, exc, traceback) -> None:
+    """Close, on success and on every exception: the pending save lands (or is reported lost) before it propagates.
+
+    While an exception propagates, a failed pending save is reported (warning) and noted on that exception, which
+    stays the one raised.
+    """
+    if exc_type is None:
+      self.close()
+      return
+    try:
+      self.close()
+    except Exception as error:  # already reported; the original exception (an interrupt, say) is the one to see
+      if hasattr(exc, "add_note"):
+        exc.add_note(f"while unwinding, a pending checkpoint save in {self.directory} failed: {error!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ bar, checkpoints and resume."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import flax
@@ -77,6 +78,12 @@ def fit(loss_fn: Callable[[Any, Any, dict], jax.Array], trainable: Any, params: 
 
   Returns the trained pytree and a history ``{"step", "loss", "eval_step", "eval"}``. With ``checkpoint_dir`` the run
   resumes from its latest checkpoint, and a checkpoint written for other ``metadata`` is an error.
+
+  Interrupts: whatever ends the loop early (an exception from ``eval_fn`` or the step, ``KeyboardInterrupt``,
+  ``SystemExit``, and SIGTERM, which is turned into ``SystemExit`` while checkpointing) first waits for the pending
+  asynchronous save, so every checkpoint step already reached is on disk when the exception propagates, and the rerun
+  resumes from it; a save that could not complete is reported (``checkpoints.LostCheckpointWarning``), here or, after
+  a hard kill mid-save, when the rerun opens the directory.
   """
   num = next(iter(train_data.values())).shape[0]
   if batch_size > num:
@@ -85,41 +92,41 @@ def fit(loss_fn: Callable[[Any, Any, dict], jax.Array], trainable: Any, params: 
   replicated, sharded = parallel.replicated_sharding(mesh), parallel.data_sharding(mesh)
   step_fn = jax.jit(make_train_step(loss_fn, optimizer), in_shardings=(replicated, replicated, sharded),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-  # The step donates its state: copy, so that the caller's ``trainable`` stays valid.
-  state = init_state(jax.tree.map(jnp.copy, trainable), optimizer)
-  checkpointer = None
-  if checkpoint_dir is not None:
-    from mteo_jax.checkpoints import Checkpointer  # noqa: PLC0415 (orbax is slow to import)
-    checkpointer = Checkpointer(checkpoint_dir, max_to_keep=2, save_interval_steps=max(checkpoint_every, 1))
-    if checkpointer.latest_step() is not None:
-      stored = checkpointer.metadata()
-      if metadata is not None and stored.get("run") != metadata:
-        raise ValueError(f"{checkpoint_dir} holds a checkpoint of another run; expected metadata {metadata}, found "
-                         f"{stored.get('run')}. Use a fresh workdir or delete that directory.")
-      state = checkpointer.restore(state)
-  state = parallel.replicate(state, mesh)
-  params = parallel.replicate(params, mesh)
   history: dict[str, list] = {"step": [], "loss": [], "eval_step": [], "eval": []}
-  start = int(state.step)
-  bar = tqdm.tqdm(range(start, steps), desc=desc, disable=not progress, initial=start, total=steps,
-                  dynamic_ncols=True, mininterval=2.0)
-  for step in bar:
-    batch = parallel.shard_batch(trajectory_batch(train_data, batch_size, seed, step), mesh)
-    state, metrics = step_fn(state, params, batch)
-    done = step + 1
-    if checkpointer is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
-      checkpointer.save(done, jax.device_get(state), {"run": metadata}, force=True)
-    if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
-      history["eval_step"].append(done)
-      history["eval"].append(float(eval_fn(state.trainable)))
-    if done % max(1, min(50, steps // 20)) == 0 or done == steps:
-      history["step"].append(done)
-      history["loss"].append(float(metrics["loss"]))
-      postfix = {"loss": f"{history['loss'][-1]:.3e}"}
-      if history["eval"]:
-        postfix["held_out_rmse"] = f"{history['eval'][-1]:.4f}"
-      bar.set_postfix(postfix)
-  if checkpointer is not None:
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+  with contextlib.ExitStack() as stack:  # on any exit: pending saves land (or are reported), then the manager closes
+    # The step donates its state: copy, so that the caller's ``trainable`` stays valid.
+    state = init_state(jax.tree.map(jnp.copy, trainable), optimizer)
+    checkpointer = None
+    if checkpoint_dir is not None:
+      from mteo_jax import checkpoints  # noqa: PLC0415 (orbax is slow to import)
+      stack.enter_context(checkpoints.sigterm_as_exit())
+      checkpointer = stack.enter_context(
+          checkpoints.Checkpointer(checkpoint_dir, max_to_keep=2, save_interval_steps=max(checkpoint_every, 1)))
+      if checkpointer.latest_step() is not None:
+        stored = checkpointer.metadata()
+        if metadata is not None and stored.get("run") != metadata:
+          raise ValueError(f"{checkpoint_dir} holds a checkpoint of another run; expected metadata {metadata}, found "
+                           f"{stored.get('run')}. Use a fresh workdir or delete that directory.")
+        state = checkpointer.restore(state)
+    state = parallel.replicate(state, mesh)
+    params = parallel.replicate(params, mesh)
+    start = int(state.step)
+    bar = stack.enter_context(tqdm.tqdm(range(start, steps), desc=desc, disable=not progress, initial=start,
+                                        total=steps, dynamic_ncols=True, mininterval=2.0))
+    for step in bar:
+      batch = parallel.shard_batch(trajectory_batch(train_data, batch_size, seed, step), mesh)
+      state, metrics = step_fn(state, params, batch)
+      done = step + 1
+      if checkpointer is not None and checkpoint_every and (done % checkpoint_every == 0 or done == steps):
+        checkpointer.save(done, jax.device_get(state), {"run": metadata}, force=True)
+      if eval_fn is not None and eval_every and (done % eval_every == 0 or done == steps):
+        history["eval_step"].append(done)
+        history["eval"].append(float(eval_fn(state.trainable)))
+      if done % max(1, min(50, steps // 20)) == 0 or done == steps:
+        history["step"].append(done)
+        history["loss"].append(float(metrics["loss"]))
+        postfix = {"loss": f"{history['loss'][-1]:.3e}"}
+        if history["eval"]:
+          postfix["held_out_rmse"] = f"{history['eval'][-1]:.4f}"
+        bar.set_postfix(postfix)
   return jax.device_get(state.trainable), history

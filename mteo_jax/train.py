@@ -249,18 +249,15 @@ def make_sampler(backbone: Backbone, precond: Preconditioning, num_steps: int) -
 
 
 def save_samples(samples: np.ndarray, path: Path, reference: np.ndarray | None = None) -> Path | None:
-  """A picture of samples: an image grid for [N, H, W, C], a scatter of the first two coordinates for [N, D >= 2]."""
-  samples = np.asarray(samples)
-  if samples.ndim == 4:
-    viz.save_image_grid(samples, path, scale=max(1, 32 // samples.shape[1]))
-  elif samples.ndim == 2 and samples.shape[1] >= 2:
-    ref = None if reference is None else np.asarray(reference)[:, :2]
-    # Frame the data, widened up to 3x for samples that spill over, so that outliers show without hiding the modes.
-    data_extent = float(np.max(np.abs(ref if ref is not None else samples[:, :2])))
-    limit = 1.1 * min(max(data_extent, float(np.max(np.abs(samples[:, :2])))), 3.0 * data_extent)
-    viz.save_scatter(samples[:, :2], path, reference=ref, limit=limit, title=path.stem)
-  else:
-    logging.warning("no picture for samples of shape %s", samples.shape)
+  """A picture of samples of any shape (``viz.save_samples_picture``): an image grid for [N, H, W, C], else a
+  histogram (1-D), scatter (2-D) or PCA projection (D > 2) over ``reference`` in one frame fitted on it. A picture
+  that cannot be drawn is logged and skipped (returns None): it never stops training."""
+  path = Path(path)
+  try:
+    viz.save_samples_picture(samples, path, reference=reference, title=path.stem)
+  except Exception as error:  # noqa: BLE001  (a picture must never cost a training run)
+    logging.warning("picture %s not drawn (samples of shape %s): %s: %s", path, np.shape(samples),
+                    type(error).__name__, error)
     return None
   return path
 
@@ -296,8 +293,14 @@ def train(config: TeacherConfig, workdir: str | os.PathLike, *, hooks: Sequence[
   """Trains (or resumes training of) a teacher in ``workdir`` and exports its EMA parameters to ``workdir/teacher``.
 
   Writes ``checkpoints/``, ``metrics.jsonl`` (one JSON line per log interval), ``samples/step_*.png`` and
-  ``teacher/``. ``hooks`` are called on the host after every step as ``hook(step, state, metrics)`` (the state is
-  donated to the next step: read it, do not keep it). Returns the final state.
+  ``teacher/``. ``hooks`` are called on the host after every step as ``hook(step, state, metrics)``, before that
+  step's checkpoint is saved (the state is donated to the next step: read it, do not keep it). Returns the final state.
+
+  Interrupts: whatever ends the run early (an exception from a hook, the data or the restore, ``KeyboardInterrupt``,
+  ``SystemExit``, and SIGTERM, which is turned into ``SystemExit`` during the run) first waits for the pending
+  asynchronous save, so every checkpoint step already saved is on disk when the exception propagates and the rerun
+  resumes from it; a save that could not complete is reported (``checkpoints.LostCheckpointWarning``), here or, after
+  a hard kill mid-save, when the rerun opens the checkpoint directory. Nothing is exported unless the run finishes.
   """
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -312,61 +315,61 @@ def train(config: TeacherConfig, workdir: str | os.PathLike, *, hooks: Sequence[
   use_labels = _use_labels(backbone, dataset)
   config_dict = config_utils.to_plain(config)
 
-  checkpointer = checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep,
-                                          save_interval_steps=tc.checkpoint_every)
-  wall_time_before, last_loss = 0.0, float("nan")
-  latest = checkpointer.latest_step()
-  root = jax.random.key(config.seed)
-  if latest is None:
-    state = init_fn(root)
-  else:
-    saved = checkpointer.metadata(latest)
-    check_resume_config(saved["config"], config_dict)
-    state = checkpointer.restore(jax.eval_shape(init_fn, root), latest)
-    wall_time_before, last_loss = float(saved.get("wall_time_s", 0.0)), float(saved.get("loss", float("nan")))
-    logging.info("resuming from the checkpoint at step %d in %s", latest, workdir)
-  state = parallel.replicate(state, mesh)
-  start_step = int(state.step)
-  if start_step > tc.steps:
-    raise ValueError(f"the checkpoint is at step {start_step}, beyond train.steps={tc.steps}")
+  # Everything from opening the checkpoints to the last save runs inside both contexts: on any exit, SIGTERM included,
+  # the pending save lands (or is reported lost) and the checkpoint manager is closed before the exception propagates.
+  with checkpoints.sigterm_as_exit(), \
+       checkpoints.Checkpointer(workdir / "checkpoints", max_to_keep=tc.keep,
+                                save_interval_steps=tc.checkpoint_every) as checkpointer:
+    wall_time_before, last_loss = 0.0, float("nan")
+    latest = checkpointer.latest_step()
+    root = jax.random.key(config.seed)
+    if latest is None:
+      state = init_fn(root)
+    else:
+      saved = checkpointer.metadata(latest)
+      check_resume_config(saved["config"], config_dict)
+      state = checkpointer.restore(jax.eval_shape(init_fn, root), latest)
+      wall_time_before, last_loss = float(saved.get("wall_time_s", 0.0)), float(saved.get("loss", float("nan")))
+      logging.info("resuming from the checkpoint at step %d in %s", latest, workdir)
+    state = parallel.replicate(state, mesh)
+    start_step = int(state.step)
+    if start_step > tc.steps:
+      raise ValueError(f"the checkpoint is at step {start_step}, beyond train.steps={tc.steps}")
 
-  _truncate_metrics(workdir, start_step)
-  # The run's key, from a host copy: a view of state.rng would alias a buffer that the step donates.
-  key = parallel.replicate(jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng))), mesh)
-  sampler = _picture_sampler(config, backbone, dataset, use_labels, workdir)
-  batch_iter = iter(data.batches(dataset, tc.batch_size, seed=config.seed, start_step=start_step))
-  progress = tqdm.tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=None, dynamic_ncols=True)
-  t_start = t_log = time.perf_counter()
-  pending: list[dict[str, jax.Array]] = []
+    _truncate_metrics(workdir, start_step)
+    # The run's key, from a host copy: a view of state.rng would alias a buffer that the step donates.
+    key = parallel.replicate(jax.random.wrap_key_data(np.asarray(jax.device_get(state.rng))), mesh)
+    sampler = _picture_sampler(config, backbone, dataset, use_labels, workdir)
+    batch_iter = iter(data.batches(dataset, tc.batch_size, seed=config.seed, start_step=start_step))
+    t_start = t_log = time.perf_counter()
+    pending: list[dict[str, jax.Array]] = []
 
-  def metadata() -> dict:
-    return {"config": config_dict, "loss": last_loss,
-            "wall_time_s": wall_time_before + time.perf_counter() - t_start}
+    def metadata() -> dict:
+      return {"config": config_dict, "loss": last_loss,
+              "wall_time_s": wall_time_before + time.perf_counter() - t_start}
 
-  try:
-    for step in range(start_step + 1, tc.steps + 1):
-      host_batch = next(batch_iter)
-      batch = {"x": host_batch["x"]}
-      if use_labels:
-        batch["label"] = host_batch["label"]
-      if jax.process_count() > 1:  # every host reads the same global batch and feeds its own rows of it
-        share = tc.batch_size // jax.process_count()
-        batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
-      state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), key)
-      pending.append(metrics)
-      for hook in hooks:
-        hook(step, state, metrics)
-      if step % tc.log_every == 0 or step == tc.steps:
-        last_loss = _log(workdir, step, tc.steps, pending, time.perf_counter() - t_log, mesh.size, progress)
-        pending, t_log = [], time.perf_counter()
-      checkpointer.save(step, state, metadata(), force=step == tc.steps)
-      if sampler is not None and tc.sample_every and step % tc.sample_every == 0 and step != tc.steps:
-        sampler(state.ema_params, step)
-      progress.update(1)
-  finally:
-    progress.close()
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    with tqdm.tqdm(total=tc.steps, initial=start_step, desc="train", unit="step", disable=None,
+                   dynamic_ncols=True) as progress:
+      for step in range(start_step + 1, tc.steps + 1):
+        host_batch = next(batch_iter)
+        batch = {"x": host_batch["x"]}
+        if use_labels:
+          batch["label"] = host_batch["label"]
+        if jax.process_count() > 1:  # every host reads the same global batch and feeds its own rows of it
+          share = tc.batch_size // jax.process_count()
+          batch = {k: v[jax.process_index() * share:(jax.process_index() + 1) * share] for k, v in batch.items()}
+        state, metrics = step_fn(state, parallel.shard_batch(batch, mesh), key)
+        pending.append(metrics)
+        for hook in hooks:
+          hook(step, state, metrics)
+        if step % tc.log_every == 0 or step == tc.steps:
+          last_loss = _log(workdir, step, tc.steps, pending, time.perf_counter() - t_log, mesh.size, progress)
+          pending, t_log = [], time.perf_counter()
+        checkpointer.save(step, state, metadata(), force=step == tc.steps)
+        if sampler is not None and tc.sample_every and step % tc.sample_every == 0 and step != tc.steps:
+          sampler(state.ema_params, step)
+        progress.update(1)
+  # Leaving the block waited for the final save: it is on disk (or its failure was raised) before the export.
 
   if sampler is not None:
     sampler(state.ema_params, tc.steps)

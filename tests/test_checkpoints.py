@@ -1,7 +1,11 @@
 """Training checkpoints over orbax, and stand-alone pytree artefacts."""
 
+import asyncio
 import json
 import os
+import re
+import shutil
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -287,3 +291,142 @@ def test_checkpoint_leaf_names_match_between_formats(tmp_path):
   assert sorted(names) == sorted(stored)
   assert "opt_state/1/0/mu/Dense_0/kernel" in stored and stored["rng"] == ((2,), "uint32")
   assert checkpoints.PYTREE_FORMAT == "mteo_jax.pytree"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Interrupted and lost saves
+
+SLOW = 0.6  # seconds that each save stays unfinished in the background with `slow_finalize`
+
+
+@pytest.fixture
+def slow_finalize(monkeypatch):
+  """Orbax finalises a save (renames ``<step>.orbax-checkpoint-tmp`` to ``<step>``) SLOW seconds late, in its background
+  thread: after ``save`` returns, the step is pending for that long. Returns the names of the finalised steps."""
+  from orbax.checkpoint._src.path import atomicity
+  original, finalized = atomicity.AtomicRenameTemporaryPath.finalize, []
+
+  async def finalize(self):
+    step = self.get_final().name.isdigit()  # not the items inside the step's directory
+    if step:
+      await asyncio.sleep(SLOW)
+    await original(self)
+    if step:
+      finalized.append(self.get_final().name)
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", finalize)
+  return finalized
+
+
+def leftovers(directory):
+  return sorted(p.name for p in directory.iterdir() if ".orbax-checkpoint-tmp" in p.name)
+
+
+def test_leaving_the_block_on_an_interrupt_waits_for_the_pending_save(tmp_path, slow_finalize):
+  with pytest.raises(KeyboardInterrupt):
+    with Checkpointer(tmp_path, save_interval_steps=2) as ckpt:
+      ckpt.save(2, make_state(2), {"step": 2})
+      assert not (tmp_path / "2").exists()  # still being written in the background
+      raise KeyboardInterrupt
+  assert slow_finalize == ["2"] and leftovers(tmp_path) == []
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", checkpoints.LostCheckpointWarning)
+    with Checkpointer(tmp_path) as reopened:
+      assert reopened.all_steps() == [2] and reopened.metadata() == {"step": 2}
+      assert_trees_equal(reopened.restore(make_state()), make_state(2))
+
+
+def test_a_save_that_fails_in_the_background_is_reported(tmp_path, monkeypatch):
+  from orbax.checkpoint._src.path import atomicity
+
+  async def fail(self):
+    raise OSError("disk full")
+
+  with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(1, {"w": jnp.ones(2)})
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", fail)
+  # An interrupt propagating stays the exception raised; the failed save is reported and noted on it.
+  with pytest.warns(checkpoints.LostCheckpointWarning,
+                    match=rf"checkpoint step 2 in {re.escape(str(tmp_path))} was not saved: its write failed "
+                          r"\(OSError: disk full\); it is lost and the latest complete checkpoint is step 1"):
+    with pytest.raises(KeyboardInterrupt) as interrupt:
+      with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        ckpt.save(2, {"w": jnp.zeros(2)})
+        raise KeyboardInterrupt
+  assert "pending checkpoint save" in "".join(getattr(interrupt.value, "__notes__", []))
+  assert leftovers(tmp_path) == []
+  # Without another exception, closing raises the failure.
+  with pytest.warns(checkpoints.LostCheckpointWarning, match="checkpoint step 3 .* was not saved"):
+    with pytest.raises(OSError, match="disk full"):
+      with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+        ckpt.save(3, {"w": jnp.zeros(2)})
+  monkeypatch.undo()
+  with Checkpointer(tmp_path) as ckpt:
+    assert ckpt.all_steps() == [1]
+
+
+def test_a_save_interrupted_while_starting_is_reported(tmp_path, monkeypatch):
+  import orbax.checkpoint as ocp
+
+  async def interrupted(self, *args, **kwargs):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", interrupted)
+  with pytest.warns(checkpoints.LostCheckpointWarning, match=r"checkpoint step 5 .* was not saved: its save was "
+                                                             r"interrupted while starting \(KeyboardInterrupt"):
+    with pytest.raises(KeyboardInterrupt):
+      with Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
+        ckpt.save(5, {"w": jnp.ones(2)})
+  assert leftovers(tmp_path) == [] and not (tmp_path / "5").exists()
+
+
+def test_an_interrupted_wait_reports_the_step_still_being_written(tmp_path, slow_finalize):
+  ckpt = Checkpointer(tmp_path, save_interval_steps=1)
+  ckpt.save(3, {"w": jnp.ones(2)})
+  wait = ckpt._manager.wait_until_finished
+
+  def interrupted_wait():  # a second Ctrl-C while waiting for the save
+    ckpt._manager.wait_until_finished = wait
+    raise KeyboardInterrupt
+
+  ckpt._manager.wait_until_finished = interrupted_wait
+  with pytest.warns(checkpoints.LostCheckpointWarning,
+                    match=f"checkpoint step 3 in {re.escape(str(tmp_path))} was still being written when the wait for "
+                          "it was interrupted"):
+    with pytest.raises(KeyboardInterrupt):
+      ckpt.close()
+  ckpt.close()  # still open: closing again waits, and the save lands
+  assert slow_finalize == ["3"] and leftovers(tmp_path) == []
+  assert Checkpointer(tmp_path).all_steps() == [3]
+
+
+def test_opening_reports_and_removes_saves_killed_mid_write(tmp_path):
+  with Checkpointer(tmp_path, save_interval_steps=1) as ckpt:
+    ckpt.save(2, make_state(2))
+  # What a process killed mid-save leaves: the step's temporary directory (orbax 0.12's name, and the older
+  # timestamped one), here with a copy of a real checkpoint's files.
+  for name in ("4.orbax-checkpoint-tmp", "6.orbax-checkpoint-tmp-1712345678"):
+    shutil.copytree(tmp_path / "2", tmp_path / name)
+  with pytest.warns(checkpoints.LostCheckpointWarning) as record:
+    ckpt = Checkpointer(tmp_path, save_interval_steps=1)
+  messages = [str(w.message) for w in record if w.category is checkpoints.LostCheckpointWarning]
+  assert messages == [
+      f"checkpoint step {step} in {tmp_path} was interrupted while being written and is lost; the latest complete "
+      f"checkpoint is step 2, where a resumed run restarts (removing the unfinished {name})"
+      for step, name in ((4, "4.orbax-checkpoint-tmp"), (6, "6.orbax-checkpoint-tmp-1712345678"))]
+  assert leftovers(tmp_path) == [] and ckpt.all_steps() == [2]
+  assert_trees_equal(ckpt.restore(make_state()), make_state(2))
+  assert ckpt.save(4, make_state(4))  # the lost step can be saved again
+  ckpt.close()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", checkpoints.LostCheckpointWarning)  # reported once: nothing is left to report
+    with Checkpointer(tmp_path) as reopened:
+      assert reopened.all_steps() == [2, 4]
+
+  empty = tmp_path / "fresh"
+  (empty / "0.orbax-checkpoint-tmp").mkdir(parents=True)
+  with pytest.warns(checkpoints.LostCheckpointWarning,
+                    match=rf"checkpoint step 0 in {re.escape(str(empty))} .* is lost; there is no complete checkpoint, "
+                          "so a resumed run starts from step 0"):
+    assert Checkpointer(empty).latest_step() is None
+  assert leftovers(empty) == []

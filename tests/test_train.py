@@ -1,5 +1,6 @@
 """Teacher training: typed config, optimiser and EMA maths, resumption, export/import of the teacher, pictures."""
 
+import asyncio
 import dataclasses
 import importlib.util
 import json
@@ -202,6 +203,50 @@ def test_killed_run_resumes_from_its_last_checkpoint(gmm_run, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, host(params), gmm_run["final"]["ema"])
 
 
+def test_interrupt_after_a_checkpoint_keeps_it_for_the_resume(gmm_run, tmp_path, monkeypatch):
+  """Ctrl-C in a hook just after the save of step 100 started, with that save still being written in the background:
+  train waits for it before propagating, and the rerun resumes from step 100 and ends as the uninterrupted run."""
+  from orbax.checkpoint._src.path import atomicity
+  config, workdir = gmm_run["config"], tmp_path / "run"
+  finalize, slow, landed = atomicity.AtomicRenameTemporaryPath.finalize, {"delay": 0.6}, []
+
+  async def slow_finalize(self):  # orbax renames <step>.orbax-checkpoint-tmp to <step> `delay` seconds late
+    if self.get_final().name.isdigit():
+      await asyncio.sleep(slow["delay"])
+      landed.append(self.get_final().name)
+    await finalize(self)
+
+  def interrupt(step, state, metrics):
+    if step == 101:
+      assert not (workdir / "checkpoints" / "100").exists()  # still being written in the background
+      raise KeyboardInterrupt
+
+  monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_finalize)
+  with pytest.raises(KeyboardInterrupt):
+    train.train(config, workdir, hooks=[interrupt])
+  names = os.listdir(workdir / "checkpoints")
+  assert landed[-1] == "100" and "100" in names and not [n for n in names if "tmp" in n]
+  assert not (workdir / "teacher").exists()
+
+  slow["delay"] = 0
+  seen = []
+  final = train.train(config, workdir, hooks=[lambda step, state, metrics: seen.append(step)])
+  assert seen == list(range(101, config.train.steps + 1))
+  jax.tree.map(np.testing.assert_array_equal, host(final.params), gmm_run["final"]["params"])
+  jax.tree.map(np.testing.assert_array_equal, host(final.ema_params), gmm_run["final"]["ema"])
+
+
+def test_a_refused_resume_closes_the_checkpoints(gmm_run, tmp_path, monkeypatch):
+  """The restore path is covered too: a resume refused for another config still closes the checkpoint manager."""
+  closed = []
+  close = checkpoints.Checkpointer.close
+  monkeypatch.setattr(checkpoints.Checkpointer, "close", lambda self: (closed.append(self.directory), close(self)))
+  changed = dataclasses.replace(gmm_run["config"], seed=1)
+  with pytest.raises(ValueError, match="seed"):
+    train.train(changed, gmm_run["workdir"])
+  assert [str(d) for d in closed] == [str(gmm_run["workdir"] / "checkpoints")]
+
+
 def test_resume_with_another_config_is_an_error(gmm_run):
   changed = dataclasses.replace(gmm_run["config"],
                                 train=dataclasses.replace(gmm_run["config"].train, lr=1e-2))
@@ -279,8 +324,9 @@ def test_labels_reach_a_conditional_model(gmm_run, tmp_path):
 def test_model_must_fit_the_data(tmp_path):
   config = configs_gmm.get_config("tiny")
   config.model.kwargs.data_dim = 3
-  with pytest.raises(ValueError, match="maps data of shape"):
+  with pytest.raises(ValueError, match=r"MLP\(data_dim=3\) takes samples of shape \(3,\), but the data shape is \(2,\)"):
     train.train(train.TeacherConfig.from_config(config), tmp_path / "w")
+  assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
 
 
 # --- pictures ---------------------------------------------------------------------------------------------------------
@@ -333,4 +379,4 @@ def test_save_samples_picks_the_picture(tmp_path):
   assert train.save_samples(np.zeros((4, 8, 8, 1)), tmp_path / "img.png") is not None
   assert Image.open(tmp_path / "img.png").size == (4 * (2 * 9 + 1),) * 2  # 2x2 grid, 4x upscaled for 8x8 data
   assert train.save_samples(np.zeros((10, 3)), tmp_path / "pts.png", reference=np.ones((5, 3))) is not None
-  assert train.save_samples(np.zeros((10, 1)), tmp_path / "none.png") is None
+  assert train.save_samples(np.zeros((10, 1)), tmp_path / "hist.png") == tmp_path / "hist.png"   # a histogram
