@@ -10,6 +10,7 @@ Train and evaluation noise come from different seeds (``noise_seeds``), checked 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -115,8 +116,10 @@ class Teacher:
       return None
     return np.asarray(jax.random.randint(jax.random.key(label_seed(noise_seed)), (num,), 0, self.backbone.num_classes))
 
-  def denoiser_with_label(self, x, sigma, temb=None, label=None):
-    return make_denoiser(self.backbone, self.params, self.precond, label)(x, sigma, temb)
+  @functools.cached_property
+  def denoiser(self):
+    """``D(x, sigma, temb=None, *, label=None)``: one object per teacher, so compiled reference solves are reused."""
+    return make_denoiser(self.backbone, self.params, self.precond)
 
 
 def _batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarray:
@@ -212,7 +215,7 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
                         ref.rtol, ref.atol, x_T=x_T, labels=labels,
                         label_seed=None if labels is None else label_seed(noise_seed))
     return cache.get_or_compute(key, lambda: reference_trajectories(
-        teacher.denoiser_with_label, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
+        teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
         batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
         progress=job.progress))
 
@@ -226,7 +229,7 @@ def run_mteo(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> d
     if solver.nfe(len(sigmas) - 1) > 12:
       # Long trajectories (the teacher row): one compiled denoiser call per step; a whole unrolled program of ~100
       # network evaluations takes XLA minutes to compile for no gain.
-      call = jax.jit(lambda x, sigma, label: teacher.denoiser_with_label(x, sigma, label=label))
+      call = jax.jit(lambda x, sigma, label: teacher.denoiser(x, sigma, label=label))
       return lambda table, x_T, label: solver.sample(lambda x, sigma: call(x, sigma, label), jnp.asarray(x_T), sigmas)
     return jax.jit(lambda table, x_T, label: mteo.student_sample(
         solver, teacher.backbone, teacher.params, precond, table, x_T, sigmas, label))

@@ -284,7 +284,8 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
   Args:
     denoiser: ``D(x [b, *data_shape], sigma) -> x0_hat``, e.g. ``make_denoiser(...)`` or ``Gaussian(...).denoise``;
       ``sigma`` is a scalar of the solve's dtype, ``b`` is 1 (each sample is its own ODE, vmapped). With ``labels``,
-      it is called as ``denoiser(x, sigma, label=label [b])``.
+      it is called as ``denoiser(x, sigma, label=label [b])`` (``make_denoiser``'s denoiser takes ``label=``), and
+      ``denoiser.check_label(labels, B)``, when the denoiser has it, checks the labels on the host first.
     x_T: [B, *data_shape], finite floating, the noise at ``sigma_start``. The solve runs in its dtype, or in float32
       for a bfloat16 or float16 ``x_T`` (``coefficient_dtype``: a low-precision state cannot meet rtol ~1e-5).
     save_sigmas: [S] strictly decreasing, > 0, the noise levels at which states are saved.
@@ -301,7 +302,9 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
     int64, sigmas [S] (``save_sigmas`` in that dtype).
 
   Raises:
-    ValueError: bad ``x_T`` (not floating [B, ...], or not finite), ``labels``, ``save_sigmas``, ``sigma_start``,
+    TypeError: ``labels`` that are not integers.
+    ValueError: bad ``x_T`` (not floating [B, ...], or not finite), ``labels`` (shape; values out of the denoiser's
+      range, or negative), ``save_sigmas``, ``sigma_start``,
       tolerances, ``max_steps`` or ``batch_size``. KeyError: an unknown ``solver``.
     NonFiniteDenoiserError: the denoiser returned NaN or inf for some samples (the solve stops at the first such
       evaluation, after a few rejected steps, not at ``max_steps``); it names the samples and the sigma.
@@ -320,6 +323,15 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
     labels = jnp.asarray(labels)
     if labels.shape != (num,):
       raise ValueError(f"labels must have shape ({num},) (one per sample of x_T), got {labels.shape}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+      raise TypeError(f"labels must be integer class labels, got dtype {labels.dtype}")
+    # Inside the solve the labels are traced and their values cannot be checked: check them here, with the
+    # denoiser's own check when it has one (make_denoiser's names the valid range), else for negative values.
+    check_label = getattr(denoiser, "check_label", None)
+    if callable(check_label):
+      check_label(labels, num)
+    elif np.any(np.asarray(labels) < 0):
+      raise ValueError(f"labels must be >= 0, but labels[{int(np.argmax(np.asarray(labels) < 0))}] < 0")
   if not (rtol > 0 and atol > 0):
     raise ValueError(f"rtol and atol must be positive, got rtol={rtol}, atol={atol}")
   if max_steps < 1:

@@ -42,8 +42,21 @@ def _as_float_array(value, name: str) -> jax.Array:
 def validate_sigmas(sigmas) -> jax.Array:
   """Returns ``sigmas`` as a float array after checking it is 1-D, of length >= 2, finite, > 0 and strictly decreasing.
 
-  The shape checks always run; the value checks run only on concrete input (traced values are passed through).
+  Every entry must be a normal number of its dtype (>= ``finfo.tiny``, e.g. 1.2e-38 in float32): XLA on CPU flushes
+  subnormals to zero, so ``log(1e-40)`` would be ``-inf`` there. Host input (lists, numpy arrays) is checked in its own
+  dtype and again in the dtype JAX gives it: a float64 grid whose levels collapse in float32 (``jax_enable_x64`` off)
+  is an error that says so. The shape checks always run; the value checks run only on concrete input (traced values
+  are passed through).
+  Raises:
+    ValueError: naming the first bad entry.
   """
+  given = None
+  if is_concrete(sigmas) and not isinstance(sigmas, jax.Array):
+    given = np.asarray(sigmas)
+    if given.dtype.kind in "biu":
+      given = given.astype(np.float64)
+    if given.dtype.kind == "f" and given.ndim == 1 and given.shape[0] >= 2:
+      _check_sigma_values(given)
   sigmas = _as_float_array(sigmas, "sigmas")
   if sigmas.ndim != 1:
     raise ValueError(f"sigmas must be a 1-D array [num_steps + 1] (sigma_max ... sigma_min), got shape {sigmas.shape}")
@@ -51,19 +64,35 @@ def validate_sigmas(sigmas) -> jax.Array:
     raise ValueError(f"sigmas must hold at least 2 noise levels (sigma_max ... sigma_min), got {sigmas.shape[0]}")
   if not is_concrete(sigmas):
     return sigmas
-  values = np.asarray(sigmas)
+  try:
+    _check_sigma_values(np.asarray(sigmas))
+  except ValueError as error:
+    if given is None or given.dtype == np.dtype(sigmas.dtype):
+      raise
+    raise ValueError(f"sigmas are valid in {given.dtype} but not in {np.dtype(sigmas.dtype).name}, the dtype JAX "
+                     f"gives them (jax_enable_x64 is {'on' if jax.config.jax_enable_x64 else 'off'}): {error}") from None
+  return sigmas
+
+
+def _check_sigma_values(values: np.ndarray) -> None:
+  """Raises ValueError naming the first entry of ``values`` [S] that is not finite, not a normal number > 0, or not
+  below its predecessor."""
   bad = np.flatnonzero(~np.isfinite(values))
   if bad.size:
     raise ValueError(f"sigmas must be finite, but sigmas[{bad[0]}] = {values[bad[0]]}")
   bad = np.flatnonzero(values <= 0)
   if bad.size:
     raise ValueError(f"sigmas must all be > 0, but sigmas[{bad[0]}] = {values[bad[0]]}")
+  tiny = float(jnp.finfo(values.dtype).tiny)
+  bad = np.flatnonzero(values < tiny)
+  if bad.size:
+    raise ValueError(f"sigmas[{bad[0]}] = {values[bad[0]]} is below the smallest normal {values.dtype.name} "
+                     f"({tiny:.3g}); XLA flushes such values to 0 on CPU (log sigma = -inf)")
   bad = np.flatnonzero(values[1:] >= values[:-1])
   if bad.size:
     i = bad[0]
     raise ValueError(f"sigmas must be strictly decreasing, but sigmas[{i}] = {values[i]} <= sigmas[{i + 1}] = "
                      f"{values[i + 1]}")
-  return sigmas
 
 
 def check_num_steps(num_steps) -> int:

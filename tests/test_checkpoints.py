@@ -377,7 +377,15 @@ def test_a_save_interrupted_while_starting_is_reported(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
       with Checkpointer(tmp_path, save_interval_steps=5) as ckpt:
         ckpt.save(5, {"w": jnp.ones(2)})
-  assert leftovers(tmp_path) == [] and not (tmp_path / "5").exists()
+  assert not (tmp_path / "5").exists()
+  # Orbax may create the step's temporary directory in a background thread after the interrupted start was
+  # reported and cleared; if one appears, the next checkpointer on the directory reports it and removes it.
+  monkeypatch.undo()
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", checkpoints.LostCheckpointWarning)
+    with Checkpointer(tmp_path) as ckpt:
+      assert ckpt.all_steps() == []
+  assert leftovers(tmp_path) == []
 
 
 def test_an_interrupted_wait_reports_the_step_still_being_written(tmp_path, slow_finalize):

@@ -103,7 +103,7 @@ def test_denoiser_with_replaced_time_embedding_matches_the_default_path():
 
 
 def test_clear_errors():
-  with pytest.raises(KeyError, match=r"unknown backbone 'resnet'; expected one of \['mlp', 'unet'\]"):
+  with pytest.raises(KeyError, match=r"unknown backbone 'resnet'; expected one of \['dit', 'mlp', 'unet'\]"):
     get_backbone("resnet", (2,))
   with pytest.raises(TypeError, match="bad options for backbone 'mlp'"):
     get_backbone("mlp", (2,), data_dim=2, widht=3)
@@ -205,3 +205,31 @@ def test_label_dtype_and_count_must_fit_the_batch():
 def test_backbone_options_that_disagree_with_the_data_shape_are_errors(name, data_shape, options, match):
   with pytest.raises(ValueError, match=match):
     get_backbone(name, data_shape, **options)
+
+
+def test_data_shape_must_be_positive_integers_and_unet_options_consistent():
+  for shape in ("2", (2.5,), (2, True), (), (0,)):
+    with pytest.raises(ValueError, match="data_shape must be a non-empty tuple of positive integers"):
+      get_backbone("mlp", shape, data_dim=2)
+  with pytest.raises(ValueError, match=r"channel_mult must list at least one level"):
+    get_backbone("unet", (8, 8, 1), **{**UNET_TINY, "channel_mult": ()})
+  with pytest.raises(ValueError, match=r"16 channels, which 5 attention heads \(channels_per_head=3\) do not divide"):
+    get_backbone("unet", (8, 8, 1), **{**UNET_TINY, "attn_resolutions": (8,), "channels_per_head": 3})
+
+
+def test_labels_at_call_time_replace_and_are_checked():
+  backbone = _mlp(num_classes=3)
+  params = _perturbed_init(backbone)
+  x = jax.random.normal(jax.random.key(0), (3, 3))
+  labels = jnp.asarray([0, 2, 1])
+  at_creation = make_denoiser(backbone, params, Preconditioning(), labels)(x, 2.0)
+  denoiser = make_denoiser(backbone, params, Preconditioning())
+  np.testing.assert_array_equal(denoiser(x, 2.0, label=labels), at_creation)
+  np.testing.assert_allclose(jax.jit(lambda x, y: denoiser(x, 2.0, label=y))(x, labels), at_creation, atol=1e-6)
+  assert not np.allclose(denoiser(x, 2.0, label=jnp.asarray([1, 1, 1])), at_creation)
+  with pytest.raises(ValueError, match=r"must lie in \[0, 2\]"):
+    denoiser(x, 2.0, label=jnp.asarray([0, 1, 3]))
+  with pytest.raises(ValueError, match="for a batch of 3"):
+    denoiser(x, 2.0, label=jnp.asarray([0, 1]))
+  with pytest.raises(ValueError, match=r"must lie in \[0, 2\]"):
+    denoiser.check_label(jnp.asarray([5]))

@@ -13,7 +13,7 @@ from jax.experimental import io_callback
 from mteo_jax.closed_form import Gaussian, random_mixture
 from mteo_jax.diffusion import Preconditioning
 from mteo_jax.hashing import hash_json, hash_pytree
-from mteo_jax.nets import get_backbone
+from mteo_jax.nets import get_backbone, make_denoiser
 from mteo_jax.reference import (REFERENCE_FORMAT_VERSION, REFERENCE_SOLVERS, CacheError, NonFiniteDenoiserError,
                                 Reference, ReferenceCache, ReferenceSolveError, evals_per_step, reference_key,
                                 reference_noise, reference_trajectories, seeded_reference, teacher_identity,
@@ -595,3 +595,21 @@ def test_low_precision_noise_is_solved_in_float32(dtype):
   assert low.states.dtype == np.float32
   np.testing.assert_array_equal(low.states, high.states)
   np.testing.assert_array_equal(low.nfe, high.nfe)
+
+
+def test_labels_are_checked_before_the_solve():
+  """Inside the solve the labels are traced: their values are checked on the host first, with the denoiser's own
+  check (make_denoiser names the valid range) or, for other denoisers, for negative values and integer dtype."""
+  backbone = get_backbone("mlp", (2,), data_dim=2, width=16, depth=2, emb_dim=16, noise_channels=8, num_classes=3)
+  denoiser = make_denoiser(backbone, backbone.init(jax.random.key(0)), Preconditioning())
+  x_T = jnp.ones((4, 2))
+  sigmas = np.array([80.0, 0.002], np.float32)
+  for labels, match in (([0, 1, 2, 3], r"must lie in \[0, 2\] \(num_classes=3\), but label\[3\] = 3"),
+                        ([-1, 0, 0, 0], r"must lie in \[0, 2\].*label\[0\] = -1")):
+    with pytest.raises(ValueError, match=match):
+      reference_trajectories(denoiser, x_T, sigmas, labels=jnp.asarray(labels), progress=False)
+  with pytest.raises(TypeError, match="integer class labels"):
+    reference_trajectories(denoiser, x_T, sigmas, labels=jnp.asarray([0.0, 1.0, 2.0, 0.0]), progress=False)
+  plain = lambda x, sigma, label: x / (1.0 + sigma ** 2)   # noqa: E731  (no check_label of its own)
+  with pytest.raises(ValueError, match="labels must be >= 0"):
+    reference_trajectories(plain, x_T, sigmas, labels=jnp.asarray([0, -2, 0, 0]), progress=False)

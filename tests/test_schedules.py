@@ -176,3 +176,25 @@ def test_gradients_match_finite_differences(name, option):
       fd = (loss(*plus) - loss(*minus)) / (2 * eps)
       assert np.isfinite(g)
       np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
+
+
+def test_subnormal_levels_are_refused_in_every_dtype():
+  """XLA on CPU flushes subnormals to 0, so log(sigma) would be -inf: refused with the entry named."""
+  with pytest.raises(ValueError, match=r"sigmas\[1\] = .* below the smallest normal float32"):
+    validate_sigmas(jnp.asarray([1.0, 1e-40], jnp.float32))
+  with pytest.raises(ValueError, match=r"below the smallest normal bfloat16"):
+    validate_sigmas(jnp.asarray([1.0, 1e-39], jnp.bfloat16))
+  with jax.enable_x64(True):
+    with pytest.raises(ValueError, match=r"below the smallest normal float64"):
+      validate_sigmas(np.array([1.0, 1e-320]))
+    validate_sigmas(np.array([1.0, 1e-300]))   # normal in float64
+
+
+def test_host_grid_that_collapses_in_jax_dtype_says_so():
+  """Without x64, JAX narrows a float64 numpy grid to float32: the error says the grid was fine before that."""
+  if jax.config.jax_enable_x64:
+    pytest.skip("needs jax_enable_x64 off")
+  for sigmas, match in (([1.0, 1.0 - 1e-12, 0.5], r"strictly decreasing"), ([1.0, 1e-40], r"smallest normal")):
+    with pytest.raises(ValueError, match=r"valid in float64 but not in float32, the dtype JAX gives them \(jax_enable"
+                                         r"_x64 is off\): .*" + match):
+      validate_sigmas(np.array(sigmas))

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mteo_jax.diffusion import Preconditioning, broadcast_to_batch, coefficient_dtype
+from mteo_jax.nets.dit import DiT
 from mteo_jax.nets.mlp import MLP
 from mteo_jax.nets.unet import UNet
 from mteo_jax.registry import Registry
@@ -31,11 +32,14 @@ Params = Any
 BACKBONES: Registry[type[nn.Module]] = Registry("backbone")
 BACKBONES.register("mlp")(MLP)
 BACKBONES.register("unet")(UNet)
+BACKBONES.register("dit")(DiT)
 
 
 class Denoiser(Protocol):
-  def __call__(self, x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None) -> jax.Array:
-    """x0_hat = D(x, sigma); sigma is a scalar or per-sample [B]; ``temb`` replaces the time embedding."""
+  def __call__(self, x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None, *,
+               label: jax.Array | None = None) -> jax.Array:
+    """x0_hat = D(x, sigma); sigma is a scalar or per-sample [B]; ``temb`` replaces the time embedding; ``label``
+    [B] replaces the labels given to ``make_denoiser``."""
 
 
 class Backbone:
@@ -51,12 +55,11 @@ class Backbone:
 
   def __init__(self, module: nn.Module, data_shape: tuple[int, ...]):
     self.module = module
-    try:
-      self.data_shape = tuple(int(d) for d in data_shape)
-    except (TypeError, ValueError):
-      raise ValueError(f"data_shape must be a tuple of positive integers, got {data_shape!r}") from None
-    if not self.data_shape or min(self.data_shape) < 1:
+    if (isinstance(data_shape, (str, bytes)) or not hasattr(data_shape, "__iter__")
+        or not all(isinstance(d, (int, np.integer)) and not isinstance(d, (bool, np.bool_)) for d in data_shape)
+        or not tuple(data_shape) or min(data_shape) < 1):
       raise ValueError(f"data_shape must be a non-empty tuple of positive integers, got {data_shape!r}")
+    self.data_shape = tuple(int(d) for d in data_shape)
     expected = module.expected_data_shape()
     if expected is not None and tuple(expected) != self.data_shape:
       raise ValueError(f"{module.describe_data_shape()} takes samples of shape {tuple(expected)}, but the data shape "
@@ -162,7 +165,10 @@ def make_denoiser(backbone: Backbone, params: Params, precond: Preconditioning, 
   Args:
     label: None for an unconditional backbone; otherwise integer class labels [B] in ``[0, num_classes)``, one per
       sample of every ``x`` the denoiser is called with. Concrete labels are checked here (``ValueError`` naming the
-      valid range); their count is checked against the batch at every call.
+      valid range); their count is checked against the batch at every call. The denoiser also takes ``label=`` at
+      call time (it replaces this one; concrete values are checked then), so that ``reference_trajectories(...,
+      labels=...)`` can pass each chunk's labels; ``denoiser.check_label(labels)`` is the host-side check it runs
+      first.
   Precision: ``sigma``, ``c_skip``, ``c_out``, ``c_in`` and ``c_noise`` are computed in float32 or wider
   (``coefficient_dtype``) whatever ``x.dtype`` is; only the network input ``c_in x`` takes ``x.dtype``, and
   ``x0_hat`` is returned in ``x.dtype``. So a bfloat16 or float16 state gives the float32 answer within its own
@@ -170,11 +176,14 @@ def make_denoiser(backbone: Backbone, params: Params, precond: Preconditioning, 
   """
   if label is not None:
     label = backbone.check_label(label)
+  default_label = label
 
-  def denoiser(x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None) -> jax.Array:
+  def denoiser(x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None, *,
+               label: jax.Array | None = None) -> jax.Array:
     batch = x.shape[0]
+    label = default_label if label is None else backbone.check_label(label, batch)
     if label is not None:
-      backbone.check_label(label, batch)
+      backbone.check_label(label, batch, values=False)
     sigma = jnp.asarray(sigma, coefficient_dtype(x.dtype))
     c_skip, c_out, c_in, c_noise = (broadcast_to_batch(c, x) for c in precond.coefficients(sigma))
     if temb is None:
@@ -185,4 +194,6 @@ def make_denoiser(backbone: Backbone, params: Params, precond: Preconditioning, 
     out = backbone.body(params, (c_in * x).astype(x.dtype), temb, train=train, rng=rng)
     return (c_skip * x + c_out * out).astype(x.dtype)
 
+  # Host-side checks for callers that pass labels later, at call time under a trace (e.g. reference solves).
+  denoiser.check_label = backbone.check_label
   return denoiser

@@ -92,6 +92,8 @@ class UNet(LiftedTimeEmbedding):
     if self.image_size % (2 ** (len(self.channel_mult) - 1)):
       raise ValueError(f"image_size {self.image_size} is not divisible by 2^{len(self.channel_mult) - 1} "
                        f"(channel_mult has {len(self.channel_mult)} levels)")
+    if not self.channel_mult:
+      raise ValueError("UNet channel_mult must list at least one level, got ()")
     plan = []
     for level, mult in enumerate(self.channel_mult):
       res, ch = self.image_size >> level, self.model_channels * mult
@@ -108,6 +110,12 @@ class UNet(LiftedTimeEmbedding):
         plan.append((f"dec_{res}x{res}_up", "up", ch, "up", False))
       for j in range(self.num_blocks + 1):
         plan.append((f"dec_{res}x{res}_block{j}", "dec", ch, None, res in self.attn_resolutions))
+    for name, _, ch, _, attention in plan:
+      heads = max(1, ch // self.channels_per_head)
+      if attention and ch % heads:
+        raise ValueError(f"UNet block {name} has {ch} channels, which {heads} attention heads (channels_per_head="
+                         f"{self.channels_per_head}) do not divide; choose channels_per_head dividing "
+                         f"model_channels * channel_mult")
     return plan
 
   @property
