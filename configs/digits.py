@@ -17,12 +17,18 @@ MTEO main job on the shipped teacher (references -> MTEO at NFE 3 -> held-out ev
     python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=runs/digits_mteo        # ~15 min on 2 CPU cores
     python -m mteo_jax.main --config=configs/digits.py:mteo_full --workdir=runs/digits_full   # NFE 3, 4 and 5
 
-Variants: ``mteo``, ``mteo_full``, ``default``, ``cond``, ``tiny`` (one 8x8 level of 8 channels, a few steps).
+DiT teacher (Peebles & Xie 2023; 2x2 patches, 6 adaLN-Zero blocks of width 96, 1.04M parameters) and its main job:
+
+    python -m mteo_jax.main --config=configs/digits.py:dit --workdir=/tmp/digits_dit   # 135 s on one H200 GPU
+    python -m mteo_jax.main --config=configs/digits.py:mteo_dit --workdir=runs/digits_mteo_dit
+
+Variants: ``mteo``, ``mteo_full``, ``mteo_dit``, ``default``, ``cond``, ``dit``, ``tiny`` (one 8x8 level of 8
+channels, a few steps), ``dit_tiny``.
 """
 
 import ml_collections
 
-VARIANTS = ("default", "cond", "tiny", "mteo", "mteo_full")
+VARIANTS = ("default", "cond", "tiny", "dit", "dit_tiny", "mteo", "mteo_full", "mteo_dit")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -51,6 +57,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 1_000, "keep": 2,
       "sample_every": 2_500, "sample_steps": 18, "num_samples": 100})
 
+  if variant in ("dit", "dit_tiny"):
+    # DiT (Peebles & Xie 2023) on 2x2 patches of the 8x8 digits: 16 tokens, adaLN-Zero blocks.
+    config.model.backbone = "dit"
+    config.model.kwargs = ml_collections.ConfigDict({
+        "image_size": 8, "in_channels": 1, "patch_size": 2, "hidden_size": 96, "depth": 6, "num_heads": 4,
+        "mlp_ratio": 4.0, "num_classes": 0, "noise_channels": 96, "embedding_type": "positional"})
+    config.train.update({"lr": 3e-4, "warmup_steps": 500, "steps": 15_000, "batch_size": 128})
+  if variant == "dit_tiny":
+    config.model.kwargs.update({"hidden_size": 32, "depth": 2, "num_heads": 2, "noise_channels": 32})
+    config.train.update({"steps": 6, "batch_size": 16, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 3,
+                         "sample_steps": 2, "num_samples": 16})
   if variant == "cond":
     config.model.kwargs.num_classes = 10
   if variant == "tiny":
@@ -58,6 +75,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "dropout": 0.0})
     config.train.update({"steps": 6, "batch_size": 16, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 3,
                          "sample_steps": 2, "num_samples": 16})
+  if variant == "mteo_dit":
+    # The main job on the shipped DiT teacher (mteo_jax/pretrained/teacher_digits_dit, made by the dit variant).
+    config.mode = "mteo"
+    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:digits_dit",
+                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"), "nfes": (3,)})
   if variant in ("mteo", "mteo_full"):
     # The main job on the shipped teacher (mteo_jax/pretrained/teacher_digits, made by the default variant with
     # --config.train.steps=4000 --config.train.warmup_steps=200); every other key: experiment.MTEOJobConfig.

@@ -15,7 +15,7 @@ from mteo_jax import checkpoints, main, train
 from mteo_jax.nets import make_denoiser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"gmm": ("default", "tiny"), "digits": ("default", "cond", "tiny"), "fmnist": ("default", "gpu", "tiny"),
+CONFIGS = {"gmm": ("default", "tiny"), "digits": ("default", "cond", "tiny", "dit", "dit_tiny"), "fmnist": ("default", "gpu", "tiny"),
            "cifar10": ("default", "tiny")}
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DATA_SHAPES = {"gmm": (2,), "digits": (8, 8, 1), "fmnist": (28, 28, 1), "cifar10": (32, 32, 3)}
@@ -39,13 +39,14 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
   return proc
 
 
-@pytest.mark.parametrize("name, overrides, steps", [
-    ("gmm", ("--config.train.steps=40", "--config.train.sample_every=20", "--config.train.sample_steps=2"), 40),
-    ("digits", (), 6),
+@pytest.mark.parametrize("name, variant, overrides, steps", [
+    ("gmm", "tiny", ("--config.train.steps=40", "--config.train.sample_every=20", "--config.train.sample_steps=2"), 40),
+    ("digits", "tiny", (), 6),
+    ("digits", "dit_tiny", (), 6),   # the DiT backbone through the same CLI
 ])
-def test_tiny_config_trains_end_to_end(tmp_path, name, overrides, steps):
+def test_tiny_config_trains_end_to_end(tmp_path, name, variant, overrides, steps):
   workdir = tmp_path / name
-  proc = run_cli(f"--config=configs/{name}.py:tiny", f"--workdir={workdir}", *overrides)
+  proc = run_cli(f"--config=configs/{name}.py:{variant}", f"--workdir={workdir}", *overrides)
   assert f"step {steps}/{steps}" in proc.stderr  # progress lines are logged
   assert "checkpoint_manager.py" not in proc.stderr  # ... and orbax's INFO chatter is not
 
@@ -96,9 +97,9 @@ def test_config_variants_build(name):
     assert config.precond.kind == "edm" and config.mode == "train"
     backbone = train.build_backbone(config.model, DATA_SHAPES[name])  # checks the output shape too
     assert backbone.num_classes == (10 if variant == "cond" else 0)
-    if variant == "tiny" or (name, variant) == ("cifar10", "default"):
+    if variant.endswith("tiny") or (name, variant) == ("cifar10", "default"):
       count = train.num_params(jax.eval_shape(backbone.init, jax.random.key(0)))
-    if variant == "tiny":
+    if variant.endswith("tiny"):
       assert config.train.steps <= 300 and count < 100_000
     if (name, variant) == ("cifar10", "default"):
       assert 50e6 < count < 65e6, count  # DDPM++ CIFAR-10 size: EDM reports 56M; our UNet at its defaults has 61M
@@ -106,7 +107,8 @@ def test_config_variants_build(name):
     module.get_config("huge")
 
 
-@pytest.mark.parametrize("name, variants", [("gmm", ("mteo", "mteo_full")), ("digits", ("mteo", "mteo_full")),
+@pytest.mark.parametrize("name, variants", [("gmm", ("mteo", "mteo_full")),
+                                            ("digits", ("mteo", "mteo_full", "mteo_dit")),
                                             ("fmnist", ("mteo", "mteo_full"))])
 def test_mteo_variants_build(name, variants):
   from mteo_jax import config_utils, experiment  # noqa: PLC0415
@@ -115,5 +117,6 @@ def test_mteo_variants_build(name, variants):
     config = module.get_config(variant)
     assert config.mode == "mteo" and "mteo" in main.MODES
     job = config_utils.from_dict(experiment.MTEOJobConfig, config_utils.to_plain(config.mteo), where="mteo")
-    assert job.teacher == f"pretrained:{name}" and job.nfes == ((3, 4, 5) if variant == "mteo_full" else (3,))
+    teacher = f"pretrained:{name}_dit" if variant == "mteo_dit" else f"pretrained:{name}"
+    assert job.teacher == teacher and job.nfes == ((3, 4, 5) if variant == "mteo_full" else (3,))
     assert experiment.resolve_teacher(job.teacher).is_dir()   # shipped

@@ -33,7 +33,7 @@ def _num_classes(net: features.ClassifierFeatureNetwork, images: np.ndarray) -> 
   return len(np.unique(np.argmax(net.logits(images), axis=-1)))
 
 
-@pytest.mark.parametrize("name, dataset", [("digits", "digits"), ("fmnist", "fashion_mnist")])
+@pytest.mark.parametrize("name, dataset", [("digits", "digits"), ("digits_dit", "digits"), ("fmnist", "fashion_mnist")])
 def test_shipped_image_teacher_samples_are_recognisable(name, dataset, fashion_mnist):
   num = 128
   # The real data first: without Fashion-MNIST's files this skips (fails under MTEO_REQUIRE_REAL_DATA) at no cost.
@@ -41,7 +41,7 @@ def test_shipped_image_teacher_samples_are_recognisable(name, dataset, fashion_m
   samples, metadata = _teacher_samples(name, num)
   assert metadata["dataset"] == dataset and samples.shape[1:] == tuple(metadata["data_shape"])
   assert np.all(np.isfinite(samples)) and np.abs(samples).max() < 1.5   # images live in [-1, 1]
-  net = features.load_feature_network(name)
+  net = features.load_feature_network({"digits": "digits", "fashion_mnist": "fmnist"}[dataset])
   real, other_real = (test_split.get_batch(np.arange(k * num, (k + 1) * num))["x"] for k in (0, 1))
   noise = np.clip(np.random.default_rng(0).normal(size=samples.shape), -1.0, 1.0).astype(np.float32)
   # FD at equal sample counts: the teacher is about as far from real data as other real data is, noise is not.

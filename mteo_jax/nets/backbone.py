@@ -46,7 +46,7 @@ class Backbone:
   """A Flax backbone as pure functions over its parameter pytree.
 
   Args:
-    module: a ``LiftedTimeEmbedding`` module (``MLP`` or ``UNet``).
+    module: a ``LiftedTimeEmbedding`` module (``MLP``, ``UNet`` or ``DiT``).
     data_shape: shape of one sample, e.g. ``(2,)`` or ``(28, 28, 1)``.
   Raises:
     ValueError: ``data_shape`` is not a tuple of positive integers, or the module's options fix another sample
