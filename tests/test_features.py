@@ -26,12 +26,12 @@ def digits_test():
   return test.get_batch(np.arange(len(test)))
 
 
-@pytest.mark.parametrize("name, min_accuracy", [("digits", 0.95), ("fmnist", 0.85)])
-def test_shipped_networks_load_with_their_recorded_accuracy(name, min_accuracy):
+@pytest.mark.parametrize("name", ["digits", "fmnist"])
+def test_shipped_networks_load_and_describe_themselves(name):
+  # Their accuracy is measured on held-out data below, not read back from their metadata.
   net = features.load_feature_network(name)
   assert isinstance(net, metrics.FeatureNetwork)
   assert net.name == name and metrics.frechet_metric_name(net) == f"FD-{name}"
-  assert net.metadata["test_accuracy"] >= min_accuracy
   assert net.metadata["dataset"] == {"digits": "digits", "fmnist": "fashion_mnist"}[name]
   assert net.data_shape == {"digits": (8, 8, 1), "fmnist": (28, 28, 1)}[name]
   # Small enough to ship as package data.
@@ -43,6 +43,7 @@ def test_shipped_networks_load_with_their_recorded_accuracy(name, min_accuracy):
 
 def test_digits_accuracy_reproduces_the_stored_one(digits_net, digits_test):
   accuracy = digits_net.accuracy(digits_test["x"], digits_test["label"])
+  assert accuracy >= 0.95   # measured here on the 297 held-out digits
   assert digits_net.metadata["num_test"] == len(digits_test["label"])
   # Identical up to at most one image flipped by a different CPU's floating-point rounding.
   assert abs(accuracy - digits_net.metadata["test_accuracy"]) <= 1.0 / len(digits_test["label"]) + 1e-9

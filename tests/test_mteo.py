@@ -71,14 +71,27 @@ def test_table_structure_and_granularity(teacher):
     mteo.expand_table({"block00": layer["block00"]}, backbone.layer_names)
 
 
+_REFERENCES = {}   # (id of the teacher's params, solver name) -> (x_T, reference): one diffrax solve per solver
+
+
+def _training_reference(teacher, solver, sigmas):
+  backbone, params = teacher
+  key = (id(params), solver.name)
+  if key not in _REFERENCES:
+    train_seed, _ = noise_seeds(0)
+    x_T = reference_noise(train_seed, 128, (2,), PRECOND.sigma_max)
+    _REFERENCES[key] = x_T, reference_trajectories(make_denoiser(backbone, params, PRECOND), x_T, sigmas,
+                                                    progress=False)
+  return _REFERENCES[key]
+
+
 def _train(teacher, granularity="layer", distance="l2", intermediate_weight=0.1, steps=60, solver_name="euler",
            checkpoint_dir=None, metadata=None, crash_at=None):
   backbone, params = teacher
   solver = get_solver(solver_name)
   sigmas = _sigmas(solver)
   train_seed, _ = noise_seeds(0)
-  x_T = reference_noise(train_seed, 128, (2,), PRECOND.sigma_max)
-  ref = reference_trajectories(make_denoiser(backbone, params, PRECOND), x_T, sigmas, progress=False)
+  x_T, ref = _training_reference(teacher, solver, sigmas)
   table = mteo.init_table(backbone, params, PRECOND, solver.eval_sigmas(sigmas), granularity)
   loss_fn = mteo.make_loss_fn(solver, backbone, PRECOND, sigmas, mteo.LossConfig(distance, intermediate_weight))
   data = {"x_T": np.asarray(x_T), "ref": np.swapaxes(ref.states, 0, 1)}
@@ -93,11 +106,18 @@ def _train(teacher, granularity="layer", distance="l2", intermediate_weight=0.1,
   return table, trained, history, (loss_fn, data)
 
 
-def test_training_lowers_the_loss_and_leaves_the_backbone_bit_identical(teacher):
+def test_training_lowers_the_loss_and_never_touches_the_backbone(teacher):
   backbone, params = teacher
-  before = jax.tree.map(np.array, params)
   table, trained, history, (loss_fn, data) = _train(teacher)
-  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, params))
+  # The backbone is an undifferentiated argument: the step neither donates it (its buffers stay alive) nor gives
+  # the optimizer a state for it (Adam's moments and count cover exactly the table's leaves).
+  assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+  optimizer = fitting.make_optimizer(3e-2, 60, 5)
+  moments = [leaf for leaf in jax.tree.leaves(fitting.init_state(table, optimizer).opt_state) if leaf.ndim > 0]
+  assert sorted(m.shape for m in moments) == sorted(2 * [leaf.shape for leaf in jax.tree.leaves(table)])
+  step_state, _ = jax.jit(fitting.make_train_step(loss_fn, optimizer))(
+      fitting.init_state(table, optimizer), params, {k: jnp.asarray(v[:8]) for k, v in data.items()})
+  assert jax.tree.structure(step_state.trainable) == jax.tree.structure(table)
   full = {k: jnp.asarray(v) for k, v in data.items()}
   loss_before, loss_after = float(loss_fn(table, params, full)), float(loss_fn(trained, params, full))
   assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
