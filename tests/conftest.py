@@ -1,4 +1,4 @@
-"""Shared test fixtures.
+"""Shared test fixtures and checks.
 
 Real data that a machine may lack (Debian's Fashion-MNIST, ``apt-get install dataset-fashion-mnist``): every test that
 needs it takes the ``fashion_mnist`` fixture. Where the data cannot be had the test is skipped with the reason, so that
@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Callable
 
+import jax
+import numpy as np
 import pytest
 
 from mteo_jax import data
@@ -47,3 +49,14 @@ def fashion_mnist() -> Callable[[str], data.Dataset]:
   """``fashion_mnist(split="test")`` -> the dataset; the test is skipped (or, under ``MTEO_REQUIRE_REAL_DATA=1``,
   failed) where the files cannot be had. Call it before any expensive work so that a skip costs nothing."""
   return load_fashion_mnist
+
+
+def assert_lifted_identity(backbone, params, x, c_noise, label=None):
+  """``body(params, x, embed_time(params, c_noise, label)) == apply(params, x, c_noise, label)`` bit for bit, under
+  jit and eagerly (DESIGN §3); returns the jitted output."""
+  plain = jax.jit(lambda p, x, c, y: backbone.apply(p, x, c, y))(params, x, c_noise, label)
+  lifted = jax.jit(lambda p, x, c, y: backbone.body(p, x, backbone.embed_time(p, c, y)))(params, x, c_noise, label)
+  np.testing.assert_array_equal(plain, lifted)
+  np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label),
+                                backbone.body(params, x, backbone.embed_time(params, c_noise, label)))
+  return plain

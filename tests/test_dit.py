@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_lifted_identity
 from mteo_jax import Preconditioning, get_backbone, mteo
 from mteo_jax.nets import make_denoiser
 from mteo_jax.nets.backbone import BACKBONES
@@ -51,11 +52,7 @@ def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(num_classes):
   backbone = _dit(num_classes=num_classes)
   params = _random_params(backbone)
   x, c_noise, label = _inputs(backbone)
-  plain = jax.jit(lambda p, x, c, y: backbone.apply(p, x, c, y))(params, x, c_noise, label)
-  lifted = jax.jit(lambda p, x, c, y: backbone.body(p, x, backbone.embed_time(p, c, y)))(params, x, c_noise, label)
-  np.testing.assert_array_equal(plain, lifted)
-  np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label),
-                                backbone.body(params, x, backbone.embed_time(params, c_noise, label)))
+  plain = assert_lifted_identity(backbone, params, x, c_noise, label)
   assert float(jnp.std(plain)) > 1e-3   # a live network, not adaLN-Zero's zeros
   # ``train`` is accepted for the common interface and changes nothing (DiT has no dropout).
   np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label, train=True),

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import assert_lifted_identity
 from mteo_jax import Preconditioning, get_backbone, make_denoiser
 
 UNET_TINY = dict(image_size=8, in_channels=1, model_channels=16, channel_mult=(1, 2), num_blocks=1,
@@ -40,11 +41,7 @@ def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(make):
   backbone = make()
   params = _perturbed_init(backbone)
   x, c_noise, label = _inputs(backbone)
-  plain = jax.jit(lambda p, x, c, y: backbone.apply(p, x, c, y))(params, x, c_noise, label)
-  lifted = jax.jit(lambda p, x, c, y: backbone.body(p, x, backbone.embed_time(p, c, y)))(params, x, c_noise, label)
-  np.testing.assert_array_equal(plain, lifted)
-  np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label),
-                                backbone.body(params, x, backbone.embed_time(params, c_noise, label)))
+  assert_lifted_identity(backbone, params, x, c_noise, label)
 
 
 def _expected_unet_layers(levels, num_blocks):
