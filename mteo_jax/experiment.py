@@ -27,9 +27,9 @@ from mteo_jax import config_utils, fitting, metrics, mteo, viz
 from mteo_jax import data as data_lib
 from mteo_jax.hashing import hash_json
 from mteo_jax.nets import make_denoiser
-from mteo_jax.reference import (ReferenceCache, reference_key, reference_noise, reference_trajectories, teacher_identity,
-                                union_sigmas)
-from mteo_jax.schedules import get_schedule
+from mteo_jax.reference import (REFERENCE_SOLVERS, ReferenceCache, reference_key, reference_noise,
+                                reference_trajectories, teacher_identity, union_sigmas)
+from mteo_jax.schedules import SCHEDULES, get_schedule
 from mteo_jax.solvers import get_solver
 from mteo_jax.train import load_teacher
 
@@ -42,6 +42,14 @@ class ReferenceConfig:
   rtol: float = 1e-5
   atol: float = 1e-5
   batch_size: int = 512
+
+  def __post_init__(self):
+    REFERENCE_SOLVERS.get(self.solver)   # KeyError listing the valid names
+    for name in ("rtol", "atol"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"mteo.reference.{name} must be > 0, got {getattr(self, name)}")
+    if self.batch_size < 1:
+      raise ValueError(f"mteo.reference.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +79,33 @@ class MTEOJobConfig:
   grid_size: int = 10
   reference: ReferenceConfig = ReferenceConfig()
   progress: bool = True
+
+  def __post_init__(self):
+    """Every setting is checked here, before any reference solve or training: a typo costs seconds, not minutes."""
+    for name in ("steps", "batch_size", "num_train", "num_eval", "eval_batch_size", "teacher_steps", "grid_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"mteo.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("warmup_steps", "eval_every", "checkpoint_every", "grad_clip", "intermediate_weight", "huber_c"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"mteo.{name} must be >= 0, got {getattr(self, name)}")
+    if not self.learning_rate > 0:
+      raise ValueError(f"mteo.learning_rate must be > 0, got {self.learning_rate}")
+    if self.lr_schedule not in fitting.LR_SCHEDULES:
+      raise ValueError(f"unknown mteo.lr_schedule {self.lr_schedule!r}; expected one of {list(fitting.LR_SCHEDULES)}")
+    if self.granularity not in mteo.GRANULARITIES:
+      raise ValueError(f"unknown mteo.granularity {self.granularity!r}; expected one of {list(mteo.GRANULARITIES)}")
+    mteo.LossConfig(self.distance, self.intermediate_weight, self.huber_c)   # the distance name
+    if self.schedule == "explicit":
+      raise ValueError("mteo.schedule='explicit' needs a list per NFE; use edm, time_uniform or logsnr_uniform")
+    SCHEDULES.get(self.schedule)
+    if self.schedule == "edm" and not self.rho > 0:
+      raise ValueError(f"mteo.rho must be > 0, got {self.rho}")
+    if not self.solvers or not self.nfes:
+      raise ValueError(f"mteo.solvers and mteo.nfes must be non-empty, got {self.solvers} and {self.nfes}")
+    for solver_name in self.solvers:
+      solver = get_solver(solver_name)   # KeyError listing the registered solvers
+      for nfe in self.nfes:
+        solver.num_steps_for_nfe(nfe)    # ValueError naming the nearest reachable NFE
 
 
 def noise_seeds(seed: int) -> tuple[int, int]:

@@ -25,6 +25,9 @@ class StudentState:
   opt_state: Any
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 def make_optimizer(learning_rate: float, steps: int, warmup_steps: int = 0, grad_clip: float = 1.0,
                    schedule: str = "cosine") -> optax.GradientTransformation:
   """Adam with linear warm-up, then constant or cosine decay to 10 %, and global-norm clipping (0 = none)."""

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import ml_collections
@@ -204,3 +205,29 @@ def test_main_job_pictures_for_every_data_shape(tmp_path, shape):
   errors = experiment._pictures(tmp_path, grid_rows, [], job)
   assert list(errors) == ["rmse_bars.png"] and "ValueError" in errors["rmse_bars.png"]
   assert all(_is_image(tmp_path / name) for name in names)
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    ({"solvers": ("heun",), "nfes": (4,)}, ValueError, r"'heun' cannot make exactly 4 network evaluations; nearest "
+                                                       r"reachable NFE: 3 \(N=2\) or 5 \(N=3\)"),
+    ({"lr_schedule": "cosin"}, ValueError, r"unknown mteo.lr_schedule 'cosin'; expected one of \['constant', 'cosine'\]"),
+    ({"solvers": ("dpm_2m",)}, KeyError, r"unknown solver 'dpm_2m'; expected one of"),
+    ({"distance": "l3"}, KeyError, r"unknown MTEO loss 'l3'"),
+    ({"granularity": "block"}, ValueError, r"unknown mteo.granularity 'block'"),
+    ({"schedule": "karras"}, KeyError, r"unknown schedule 'karras'"),
+    ({"grid_size": 0}, ValueError, r"mteo.grid_size must be >= 1"),
+    ({"learning_rate": 0.0}, ValueError, r"mteo.learning_rate must be > 0"),
+    ({"reference": {"solver": "rk4"}}, KeyError, r"unknown reference solver 'rk4'"),
+])
+def test_bad_settings_fail_before_any_work(tmp_path, overrides, error, match):
+  """Every setting is checked when the job's config is read: nothing is solved, trained or written first."""
+  config = load_config_file("digits").get_config("mteo")
+  reference = overrides.pop("reference", None)
+  config.mteo.update(overrides)
+  if reference is not None:
+    config.mteo.reference = ml_collections.ConfigDict(reference)
+  start = time.perf_counter()
+  with pytest.raises(error, match=match):
+    experiment.run_mteo(config, tmp_path)
+  assert time.perf_counter() - start < 5.0
+  assert not (tmp_path / "references").exists() and not (tmp_path / "results.json").exists()
