@@ -152,6 +152,64 @@ def make_loss_fn(solver: Any, backbone: Backbone, precond: Preconditioning, sigm
   return loss_fn
 
 
+# --- MTEO on a model in memory -------------------------------------------------------------------------------------
+
+def fit_table(backbone: Backbone, params: Any, precond: Preconditioning, solver: Any, sigmas: Any, *,
+              num_train: int = 1024, noise_seed: int = 0, labels: jax.Array | None = None,
+              granularity: str = "layer", loss: LossConfig = LossConfig(), steps: int = 300, batch_size: int = 32,
+              learning_rate: float = 1e-2, warmup_steps: int = 20, grad_clip: float = 1.0,
+              lr_schedule: str = "cosine", reference_solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
+              reference_batch_size: int = 512, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
+              eval_fn: Callable[[Table], float] | None = None, eval_every: int = 0,
+              progress: bool = True) -> tuple[Table, dict[str, list]]:
+  """MTEO on any backbone and parameters in memory: references, table, training, in one call.
+
+  Draws ``num_train`` noises ``x_T = sigmas[0] * N(0, I)`` from ``noise_seed``, solves the teacher's probability-flow
+  ODE from them with diffrax at ``sigmas`` (``reference.reference_trajectories``), initialises the table at the
+  solver's evaluation sigmas (so it starts as the base solver) and trains it with ``fitting.fit``; the backbone's
+  parameters are never updated. Score the result on noise from another seed (e.g. ``noise_seed + 1``).
+
+  Args:
+    backbone: any ``Backbone`` (a built-in one, ``DiT``, or a ``LinenBackbone`` around your own Linen model).
+    params: its parameters; precond: its preconditioning.
+    solver: a solver object (``get_solver(...)``); sigmas: [N + 1] its grid (``solver.num_steps_for_nfe(nfe)`` steps).
+    labels: [num_train] integer labels for a class-conditional backbone, else None.
+    checkpoint_dir: resume from / checkpoint to this directory (``fitting.fit``); ``eval_fn(table) -> float``
+      every ``eval_every`` steps, e.g. a held-out RMSE.
+  Returns:
+    ``(table, history)``: ``{layer: [nfe, D]}`` (or ``{"shared": ...}``) and the loss and evaluation curves.
+  Raises:
+    ValueError / KeyError: bad settings (before the reference solve); the reference solve's errors
+    (``reference.NonFiniteDenoiserError`` for a NaN teacher, ...).
+  """
+  from mteo_jax import fitting, reference  # noqa: PLC0415 (fitting imports the data layer; keep mteo light)
+  if granularity not in GRANULARITIES:
+    raise ValueError(f"unknown granularity {granularity!r}; expected one of {list(GRANULARITIES)}")
+  if lr_schedule not in fitting.LR_SCHEDULES:
+    raise ValueError(f"unknown lr_schedule {lr_schedule!r}; expected one of {list(fitting.LR_SCHEDULES)}")
+  sigmas = jnp.asarray(sigmas)
+  eval_sigmas = solver.eval_sigmas(sigmas)   # validates the grid
+  x_T = reference.reference_noise(noise_seed, num_train, backbone.data_shape, float(sigmas[0]))
+  denoiser = make_denoiser(backbone, params, precond)
+  ref = reference.reference_trajectories(denoiser, x_T, sigmas, solver=reference_solver, rtol=rtol, atol=atol,
+                                         batch_size=min(reference_batch_size, num_train), labels=labels,
+                                         progress=progress)
+  train_data = {"x_T": jax.device_get(x_T), "ref": jnp.swapaxes(ref.states, 0, 1)}
+  if labels is not None:
+    train_data["label"] = jax.device_get(jnp.asarray(labels))
+  train_data = {k: jax.device_get(v) for k, v in train_data.items()}
+  table = init_table(backbone, params, precond, eval_sigmas, granularity)
+  optimizer = fitting.make_optimizer(learning_rate, steps, warmup_steps, grad_clip, lr_schedule)
+  return fitting.fit(make_loss_fn(solver, backbone, precond, sigmas, loss), table, params, train_data, optimizer,
+                     steps=steps, batch_size=min(batch_size, num_train), seed=noise_seed, eval_fn=eval_fn,
+                     eval_every=eval_every, checkpoint_dir=checkpoint_dir,
+                     checkpoint_every=checkpoint_every if checkpoint_dir else 0,
+                     metadata=None if checkpoint_dir is None else {
+                         "solver": solver.name, "sigmas": [float(s) for s in sigmas], "num_train": num_train,
+                         "noise_seed": noise_seed, "granularity": granularity, "steps": steps},
+                     progress=progress, desc=f"MTEO {solver.name} NFE {solver.nfe(sigmas.shape[0] - 1)}")
+
+
 # --- the artefact -------------------------------------------------------------------------------------------------
 
 TABLE_FORMAT = "mteo_jax.mteo_table/1"

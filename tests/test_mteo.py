@@ -204,3 +204,22 @@ def test_artefact_round_trip_and_mismatch_errors(teacher, tmp_path):
   assert (tmp_path / "other").exists()
   with pytest.raises(FileNotFoundError, match="no MTEO table"):
     mteo.load_table(str(tmp_path / "missing"), teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3)
+
+
+def test_fit_table_on_a_model_in_memory(teacher):
+  """The one-call entry point: references, table and training from (backbone, params, preconditioning); scored on
+  held-out noise from another seed."""
+  backbone, params = teacher
+  solver = get_solver("dpmpp_2m")
+  sigmas = _sigmas(solver)
+  table, history = mteo.fit_table(backbone, params, PRECOND, solver, sigmas, num_train=128, noise_seed=0, steps=60,
+                                  learning_rate=3e-2, warmup_steps=5, rtol=1e-4, atol=1e-4, progress=False)
+  x_T = reference_noise(1, 64, (2,), PRECOND.sigma_max)
+  ref = reference_trajectories(make_denoiser(backbone, params, PRECOND), x_T, sigmas, rtol=1e-4, atol=1e-4,
+                               progress=False)
+  rmse = lambda t: float(jnp.sqrt(jnp.mean((mteo.student_sample(solver, backbone, params, PRECOND, t, x_T, sigmas)  # noqa: E731
+                                            - ref.final) ** 2)))
+  assert mteo.table_nfe(table) == 3 and history["loss"][-1] < history["loss"][0]
+  assert rmse(table) < 0.8 * rmse(None), (rmse(table), rmse(None))
+  with pytest.raises(ValueError, match="unknown lr_schedule 'cosin'"):
+    mteo.fit_table(backbone, params, PRECOND, solver, sigmas, lr_schedule="cosin")
