@@ -8,36 +8,15 @@ Registered names: ``euler``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``, ``
 from __future__ import annotations
 
 import inspect
-from typing import Callable
 
-from mteo_jax.registry import Registry
-from mteo_jax.solvers.base import Solver, check_temb_table, phi, phis, solve_transposed_vandermonde
+from mteo_jax.solvers.base import SOLVERS, Solver, check_temb_table, phi, phis, solve_transposed_vandermonde
+# Importing a solver's module registers it (``@SOLVERS.register`` next to each class).
 from mteo_jax.solvers.deis import DEIS, deis_coefficients, deis_update
-from mteo_jax.solvers.dpm_solver import DPMSolverPP, dpmpp_update
+from mteo_jax.solvers.dpm_solver import DPMSolverPP, dpmpp_2m, dpmpp_3m, dpmpp_update
 from mteo_jax.solvers.euler import Euler
 from mteo_jax.solvers.heun import Heun
 from mteo_jax.solvers.ipndm import IPNDM, ipndm_update
 from mteo_jax.solvers.unipc import UniPC, unic_update, unip_update
-
-SOLVERS: Registry[Callable[..., Solver]] = Registry("solver")
-SOLVERS.register("euler")(Euler)
-SOLVERS.register("heun")(Heun)
-SOLVERS.register("unipc")(UniPC)
-SOLVERS.register("ipndm")(IPNDM)
-SOLVERS.register("deis")(DEIS)
-
-
-@SOLVERS.register("dpmpp_2m")
-def dpmpp_2m(*, lower_order_final: bool = True, remat: bool = False) -> DPMSolverPP:
-  """DPM-Solver++(2M)."""
-  return DPMSolverPP(order=2, lower_order_final=lower_order_final, remat=remat)
-
-
-@SOLVERS.register("dpmpp_3m")
-def dpmpp_3m(*, lower_order_final: bool = True, taylor_third_order: bool = False, remat: bool = False
-             ) -> DPMSolverPP:
-  """DPM-Solver++(3M)."""
-  return DPMSolverPP(order=3, lower_order_final=lower_order_final, taylor_third_order=taylor_third_order, remat=remat)
 
 
 def solver_options(name: str) -> dict[str, object]:

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mteo_jax.diffusion import coefficient_dtype
+from mteo_jax.registry import Registry
 from mteo_jax.schedules import check_num_steps, is_concrete, validate_sigmas
 
 # ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``); kept as a plain callable here so that the
@@ -29,6 +30,11 @@ from mteo_jax.schedules import check_num_steps, is_concrete, validate_sigmas
 Denoiser = Callable[..., jax.Array]
 TembTable = Any  # a pytree whose every leaf has leading axis nfe; row i feeds network evaluation i
 Evaluate = Callable[[int, jax.Array], jax.Array]  # (index of the evaluation within the step, x) -> x0_hat
+
+
+# Every solver registers itself next to its class (``@SOLVERS.register("name")``); ``get_solver(name, **options)``
+# builds it. A registered object is a class or factory whose keyword arguments are the solver's options.
+SOLVERS: Registry[Callable[..., "Solver"]] = Registry("solver")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

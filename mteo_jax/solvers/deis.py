@@ -25,7 +25,7 @@ import numpy as np
 
 from mteo_jax.diffusion import vp_sigma_to_t
 from mteo_jax.schedules import is_concrete
-from mteo_jax.solvers.base import Evaluate, Solver, check_order, jit_when_eager
+from mteo_jax.solvers.base import SOLVERS, Evaluate, Solver, check_order, jit_when_eager
 
 QUADRATURE_NODES = 32  # Gauss-Legendre nodes per step
 _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
@@ -69,6 +69,7 @@ def deis_update(x: jax.Array, sigma_next: jax.Array, sigmas_hist: Sequence[jax.A
   return x + sum(c * e for c, e in zip(coefficients, eps_hist))
 
 
+@SOLVERS.register("deis")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DEIS(Solver):
   """DEIS-tAB of order 1-3; N steps, N NFE; step i uses order ``min(order, i + 1)``.

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import jax
 
-from mteo_jax.solvers.base import Evaluate, Solver, check_bool, check_order, jit_when_eager, log_ratio, phis
+from mteo_jax.solvers.base import SOLVERS, Evaluate, Solver, check_bool, check_order, jit_when_eager, log_ratio, phis
 
 # diffusers lowers the order of the last steps only for short schedules (fewer than 15 steps), where a multistep
 # extrapolation over a wide final interval is least reliable.
@@ -103,3 +103,16 @@ class DPMSolverPP(Solver):
     sigmas_hist = [sigmas[step - k] for k in range(order)]
     x_next = dpmpp_update(x, sigmas[step + 1], sigmas_hist, x0_hist[:order], order, self.taylor_third_order)
     return x_next, x0_hist, x
+
+
+@SOLVERS.register("dpmpp_2m")
+def dpmpp_2m(*, lower_order_final: bool = True, remat: bool = False) -> DPMSolverPP:
+  """DPM-Solver++(2M)."""
+  return DPMSolverPP(order=2, lower_order_final=lower_order_final, remat=remat)
+
+
+@SOLVERS.register("dpmpp_3m")
+def dpmpp_3m(*, lower_order_final: bool = True, taylor_third_order: bool = False, remat: bool = False
+             ) -> DPMSolverPP:
+  """DPM-Solver++(3M)."""
+  return DPMSolverPP(order=3, lower_order_final=lower_order_final, taylor_third_order=taylor_third_order, remat=remat)

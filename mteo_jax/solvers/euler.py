@@ -7,9 +7,10 @@ from typing import Any, ClassVar
 
 import jax
 
-from mteo_jax.solvers.base import Evaluate, Solver
+from mteo_jax.solvers.base import SOLVERS, Evaluate, Solver
 
 
+@SOLVERS.register("euler")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Euler(Solver):
   """``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D(x_i, sigma_i)) / sigma_i``; N steps, N NFE, order 1.

@@ -7,9 +7,10 @@ from typing import Any, ClassVar
 
 import jax
 
-from mteo_jax.solvers.base import Evaluate, Solver
+from mteo_jax.solvers.base import SOLVERS, Evaluate, Solver
 
 
+@SOLVERS.register("heun")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Heun(Solver):
   """Heun (explicit trapezoid) on ``dx/dsigma = (x - D)/sigma``; the last step is a plain Euler step, as in EDM.

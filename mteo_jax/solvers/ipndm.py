@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Sequence
 
 import jax
 
-from mteo_jax.solvers.base import Evaluate, Solver, check_order, jit_when_eager
+from mteo_jax.solvers.base import SOLVERS, Evaluate, Solver, check_order, jit_when_eager
 
 # Adams-Bashforth coefficients for orders 1-4 (most recent derivative first).
 ADAMS_BASHFORTH = {
@@ -36,6 +36,7 @@ def ipndm_update(x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, d_hist: 
   return x + (sigma_next - sigma) * slope
 
 
+@SOLVERS.register("ipndm")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IPNDM(Solver):
   """iPNDM of order 1-4; N steps, N NFE; step i uses order ``min(order, i + 1)``.

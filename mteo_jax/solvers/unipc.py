@@ -20,7 +20,7 @@ from typing import Any, ClassVar, Sequence
 import jax
 import jax.numpy as jnp
 
-from mteo_jax.solvers.base import (Evaluate, Solver, check_bool, check_order, jit_when_eager, log_ratio, phis,
+from mteo_jax.solvers.base import (SOLVERS, Evaluate, Solver, check_bool, check_order, jit_when_eager, log_ratio, phis,
                                    solve_transposed_vandermonde)
 
 
@@ -88,6 +88,7 @@ def unic_update(x_prev: jax.Array, sigma: jax.Array, sigmas_hist: Sequence[jax.A
   return (sigma / sigma_prev) * x_prev + (h * phi_values[0]) * (x0_hist[0] + residual)
 
 
+@SOLVERS.register("unipc")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UniPC(Solver):
   """UniPC-p (bh2): UniP-p predictor; UniC-p corrects each new state with the call made there, except the last.
