@@ -38,7 +38,7 @@ def make_optimizer(learning_rate: float, steps: int, warmup_steps: int = 0, grad
     lr = optax.join_schedules([optax.linear_schedule(0.0, learning_rate, max(warmup_steps, 1)),
                                optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
   else:
-    raise ValueError(f"unknown learning-rate schedule {schedule!r}; expected one of ['constant', 'cosine']")
+    raise ValueError(f"unknown lr_schedule {schedule!r}; expected one of {list(LR_SCHEDULES)}")
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
   return optax.chain(*parts, optax.adam(lr))
 

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mteo_jax.diffusion import Preconditioning
 from mteo_jax.nets import Backbone, make_denoiser
@@ -183,23 +184,18 @@ def fit_table(backbone: Backbone, params: Any, precond: Preconditioning, solver:
     (``reference.NonFiniteDenoiserError`` for a NaN teacher, ...).
   """
   from mteo_jax import fitting, reference  # noqa: PLC0415 (fitting imports the data layer; keep mteo light)
-  if granularity not in GRANULARITIES:
-    raise ValueError(f"unknown granularity {granularity!r}; expected one of {list(GRANULARITIES)}")
-  if lr_schedule not in fitting.LR_SCHEDULES:
-    raise ValueError(f"unknown lr_schedule {lr_schedule!r}; expected one of {list(fitting.LR_SCHEDULES)}")
+  # The cheap parts first: they check the grid, granularity and optimizer settings before the reference solve.
   sigmas = jnp.asarray(sigmas)
-  eval_sigmas = solver.eval_sigmas(sigmas)   # validates the grid
+  table = init_table(backbone, params, precond, solver.eval_sigmas(sigmas), granularity)
+  optimizer = fitting.make_optimizer(learning_rate, steps, warmup_steps, grad_clip, lr_schedule)
   x_T = reference.reference_noise(noise_seed, num_train, backbone.data_shape, float(sigmas[0]))
-  denoiser = make_denoiser(backbone, params, precond)
-  ref = reference.reference_trajectories(denoiser, x_T, sigmas, solver=reference_solver, rtol=rtol, atol=atol,
+  ref = reference.reference_trajectories(make_denoiser(backbone, params, precond), x_T, sigmas,
+                                         solver=reference_solver, rtol=rtol, atol=atol,
                                          batch_size=min(reference_batch_size, num_train), labels=labels,
                                          progress=progress)
-  train_data = {"x_T": jax.device_get(x_T), "ref": jnp.swapaxes(ref.states, 0, 1)}
+  train_data = {"x_T": np.asarray(x_T), "ref": np.swapaxes(ref.states, 0, 1)}
   if labels is not None:
-    train_data["label"] = jax.device_get(jnp.asarray(labels))
-  train_data = {k: jax.device_get(v) for k, v in train_data.items()}
-  table = init_table(backbone, params, precond, eval_sigmas, granularity)
-  optimizer = fitting.make_optimizer(learning_rate, steps, warmup_steps, grad_clip, lr_schedule)
+    train_data["label"] = np.asarray(labels)
   return fitting.fit(make_loss_fn(solver, backbone, precond, sigmas, loss), table, params, train_data, optimizer,
                      steps=steps, batch_size=min(batch_size, num_train), seed=noise_seed, eval_fn=eval_fn,
                      eval_every=eval_every, checkpoint_dir=checkpoint_dir,

@@ -39,14 +39,15 @@ def _as_float_array(value, name: str) -> jax.Array:
   return array
 
 
-def validate_sigmas(sigmas) -> jax.Array:
-  """Returns ``sigmas`` as a float array after checking it is 1-D, of length >= 2, finite, > 0 and strictly decreasing.
+def validate_sigmas(sigmas, dtype=None, *, dtype_reason: str = "the dtype asked for") -> jax.Array:
+  """Returns ``sigmas`` as a float array (in ``dtype``, when given) after checking it is 1-D, of length >= 2, finite,
+  > 0 and strictly decreasing.
 
   Every entry must be a normal number of its dtype (>= ``finfo.tiny``, e.g. 1.2e-38 in float32): XLA on CPU flushes
-  subnormals to zero, so ``log(1e-40)`` would be ``-inf`` there. Host input (lists, numpy arrays) is checked in its own
-  dtype and again in the dtype JAX gives it: a float64 grid whose levels collapse in float32 (``jax_enable_x64`` off)
-  is an error that says so. The shape checks always run; the value checks run only on concrete input (traced values
-  are passed through).
+  subnormals to zero, so ``log(1e-40)`` would be ``-inf`` there. The values are checked in the dtype they come in and
+  again in the dtype they are returned in (the one JAX gives host input, or ``dtype``): a float64 grid whose levels
+  collapse in float32 is an error that says why it was cast (``dtype_reason`` for ``dtype``). The shape checks always
+  run; the value checks run only on concrete input (traced values are passed through).
   Raises:
     ValueError: naming the first bad entry.
   """
@@ -62,15 +63,19 @@ def validate_sigmas(sigmas) -> jax.Array:
     raise ValueError(f"sigmas must be a 1-D array [num_steps + 1] (sigma_max ... sigma_min), got shape {sigmas.shape}")
   if sigmas.shape[0] < 2:
     raise ValueError(f"sigmas must hold at least 2 noise levels (sigma_max ... sigma_min), got {sigmas.shape[0]}")
-  if not is_concrete(sigmas):
+  reason = f"the dtype JAX gives them (jax_enable_x64 is {'on' if jax.config.jax_enable_x64 else 'off'})"
+  if is_concrete(sigmas) and given is None:
+    _check_sigma_values(np.asarray(sigmas))   # in the dtype they came in
+    given = np.asarray(sigmas)
+  if dtype is not None and sigmas.dtype != dtype:
+    sigmas, reason = sigmas.astype(dtype), dtype_reason
+  if not is_concrete(sigmas) or given.dtype == np.dtype(sigmas.dtype):
     return sigmas
   try:
     _check_sigma_values(np.asarray(sigmas))
   except ValueError as error:
-    if given is None or given.dtype == np.dtype(sigmas.dtype):
-      raise
-    raise ValueError(f"sigmas are valid in {given.dtype} but not in {np.dtype(sigmas.dtype).name}, the dtype JAX "
-                     f"gives them (jax_enable_x64 is {'on' if jax.config.jax_enable_x64 else 'off'}): {error}") from None
+    raise ValueError(f"sigmas are valid in {given.dtype} but not in {np.dtype(sigmas.dtype).name}, {reason}: "
+                     f"{error}") from None
   return sigmas
 
 

@@ -181,9 +181,8 @@ def make_denoiser(backbone: Backbone, params: Params, precond: Preconditioning, 
   def denoiser(x: jax.Array, sigma: jax.Array, temb: TimeEmb | None = None, *,
                label: jax.Array | None = None) -> jax.Array:
     batch = x.shape[0]
+    # A call-time label has its values checked here; the count of either is checked by add_label below.
     label = default_label if label is None else backbone.check_label(label, batch)
-    if label is not None:
-      backbone.check_label(label, batch, values=False)
     sigma = jnp.asarray(sigma, coefficient_dtype(x.dtype))
     c_skip, c_out, c_in, c_noise = (broadcast_to_batch(c, x) for c in precond.coefficients(sigma))
     if temb is None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from mteo_jax.diffusion import coefficient_dtype
 from mteo_jax.registry import Registry
-from mteo_jax.schedules import check_num_steps, is_concrete, validate_sigmas
+from mteo_jax.schedules import check_num_steps, validate_sigmas
 
 # ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``); kept as a plain callable here so that the
 # solvers depend on no network code and run on closed-form denoisers.
@@ -124,7 +124,8 @@ class Solver(abc.ABC):
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
       raise TypeError(f"x_T must be a floating-point array, got dtype {x_T.dtype}")
     state_dtype = x_T.dtype
-    sigmas = grid_in_coefficient_dtype(sigmas, state_dtype)
+    sigmas = validate_sigmas(sigmas, coefficient_dtype(state_dtype), dtype_reason=(
+        f"the dtype in which the solver computes its grid and coefficients for a {np.dtype(state_dtype).name} state"))
     num_steps = sigmas.shape[0] - 1
     check_temb_table(temb_table, self.nfe(num_steps), f"{self.name!r} with {num_steps} steps")
     use_remat = self.remat if remat is None else remat
@@ -165,26 +166,6 @@ class Solver(abc.ABC):
 
 
 # --- shared helpers -------------------------------------------------------------------------------------------------
-
-def grid_in_coefficient_dtype(sigmas: jax.Array, state_dtype: Any) -> jax.Array:
-  """``sigmas`` validated, cast to ``coefficient_dtype(state_dtype)`` and validated again in that dtype.
-
-  The second check matters when the cast narrows (float64 -> float32): neighbouring levels that differ only beyond
-  float32's precision would become equal, and a zero step ``log(sigma_i / sigma_{i+1}) = 0`` divides by zero in the
-  multistep coefficients. Raises ``ValueError`` naming the first entry that collapses.
-  """
-  given = validate_sigmas(sigmas)
-  dtype = coefficient_dtype(state_dtype)
-  cast = given.astype(dtype)
-  if is_concrete(cast) and cast.dtype != given.dtype:
-    try:
-      validate_sigmas(cast)
-    except ValueError as error:
-      raise ValueError(f"sigmas are valid in {given.dtype} but not in {np.dtype(dtype).name}, the dtype in which "
-                       f"the solver computes its grid and coefficients for a {np.dtype(state_dtype).name} state: "
-                       f"{error}") from None
-  return cast
-
 
 def jit_when_eager(*, static_argnames: tuple[str, ...]):
   """Decorator for the update formulas: one compiled program per call on concrete arrays, a plain call otherwise.
