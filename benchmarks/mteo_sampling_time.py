@@ -3,7 +3,8 @@
 A table replaces the time-embedding MLP at every network evaluation, so sampling with it should cost no more than the
 plain solver (ratio <= 1). Timings are the median of interleaved repeats of the jitted samplers, after compilation.
 Timing does not depend on the table's values: ``--table DIR`` times a trained table (e.g. WORKDIR/tables/
-dpmpp_2m_nfe3 of the main job), otherwise a table initialised from the teacher's embeddings is used.
+dpmpp_2m_nfe3 of the main job; it must belong to ``--teacher``, ``mteo.load_table``) on the grid it was trained for,
+otherwise a table initialised from the teacher's embeddings is used.
 
     python benchmarks/mteo_sampling_time.py                 # shipped digits teacher, NFE 3, 4 solvers (~1 min on CPU)
     python benchmarks/mteo_sampling_time.py --quick         # smoke run
@@ -22,10 +23,10 @@ import jax
 import numpy as np
 
 from mteo_jax import mteo, viz
-from mteo_jax.experiment import Teacher, resolve_teacher
 from mteo_jax.reference import reference_noise
 from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
+from mteo_jax.teachers import Teacher
 
 
 def _repeat_seconds(fn, x_T, repeats: int) -> list[float]:
@@ -38,7 +39,7 @@ def _repeat_seconds(fn, x_T, repeats: int) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> dict:
-  teacher = Teacher(resolve_teacher(args.teacher))
+  teacher = Teacher.load(args.teacher)
   precond = teacher.precond
   x_T = reference_noise(args.seed, args.batch_size, teacher.data_shape, precond.sigma_max)
   results = {}
@@ -46,7 +47,8 @@ def run(args: argparse.Namespace) -> dict:
     solver = get_solver(name)
     sigmas = get_schedule("edm", solver.num_steps_for_nfe(args.nfe), precond.sigma_min, precond.sigma_max, rho=7.0)
     if args.table:
-      table, _ = mteo.load_table(args.table, teacher_hash=teacher.identity, solver_name=name, nfe=args.nfe)
+      table, meta = mteo.load_table(args.table, teacher, solver_name=name, nfe=args.nfe)
+      sigmas = np.asarray(meta["sigmas"], np.float32)   # the grid the table was trained for
     else:
       table = mteo.init_table(teacher.backbone, teacher.params, precond, solver.eval_sigmas(sigmas))
     plain = jax.jit(lambda x, solver=solver, sigmas=sigmas: mteo.student_sample(
@@ -63,8 +65,9 @@ def run(args: argparse.Namespace) -> dict:
                      "plain_all": plain_times, "table_all": table_times}
     print(f"{name:9s} NFE {args.nfe}: plain {1e3 * plain_s:8.2f} ms  table {1e3 * table_s:8.2f} ms  "
           f"ratio {table_s / plain_s:.3f}")
-  setup = {"teacher": args.teacher, "teacher_identity": teacher.identity, "nfe": args.nfe, "batch_size": args.batch_size,
-           "repeats": args.repeats, "rounds": args.rounds, "table": args.table or "initialised from the teacher",
+  setup = {"teacher": args.teacher, "teacher_identity": teacher.identity, "nfe": args.nfe,
+           "batch_size": args.batch_size, "repeats": args.repeats, "rounds": args.rounds,
+           "table": args.table or "initialised from the teacher",
            "device": str(jax.devices()[0]), "jax": jax.__version__, "machine": platform.machine()}
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ Variants: ``default``, ``tiny`` (8 base channels, one level, a few steps).
 
 import ml_collections
 
+from mteo_jax import modes
+
 VARIANTS = ("default", "tiny")
 
 
@@ -25,27 +27,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/cifar10.py; expected one of {list(VARIANTS)}")
-  config = ml_collections.ConfigDict()
-  config.mode = "train"
-  config.seed = 0
-
-  config.data = ml_collections.ConfigDict()
+  config = modes.base_config("train")
   config.data.name = "tfds"
   config.data.options = ml_collections.ConfigDict({"tfds_name": "cifar10", "download": False})
-
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = "unet"
-  config.model.kwargs = ml_collections.ConfigDict({
-      "image_size": 32, "in_channels": 3, "model_channels": 128, "channel_mult": (2, 2, 2), "num_blocks": 4,
-      "attn_resolutions": (16,), "dropout": 0.13, "num_classes": 0, "embedding_type": "positional"})
-
-  config.precond = ml_collections.ConfigDict(
-      {"kind": "edm", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0})
-
-  config.train = ml_collections.ConfigDict({
-      "steps": 390_625, "batch_size": 512, "lr": 1e-3, "warmup_steps": 19_531, "lr_decay": "constant",
-      "ema_decay": 0.99929, "grad_clip": 0.0, "log_every": 500, "checkpoint_every": 10_000, "keep": 3,
-      "sample_every": 25_000, "sample_steps": 18, "num_samples": 64})
+  config.model = modes.model_config(
+      "unet", image_size=32, in_channels=3, model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
+      attn_resolutions=(16,), dropout=0.13, num_classes=0, embedding_type="positional")
+  config.precond.sigma_data = 0.5
+  config.train.update({"steps": 390_625, "batch_size": 512, "lr": 1e-3, "warmup_steps": 19_531,
+                       "lr_decay": "constant", "ema_decay": 0.99929, "grad_clip": 0.0, "log_every": 500,
+                       "checkpoint_every": 10_000, "keep": 3, "sample_every": 25_000, "sample_steps": 18,
+                       "num_samples": 64})
 
   if variant == "tiny":
     config.model.kwargs.update({"model_channels": 8, "channel_mult": (1,), "num_blocks": 1, "attn_resolutions": (),

@@ -28,41 +28,40 @@ channels, a few steps), ``dit_tiny``.
 
 import ml_collections
 
+from mteo_jax import modes
+
 VARIANTS = ("default", "cond", "tiny", "dit", "dit_tiny", "mteo", "mteo_full", "mteo_dit")
+MTEO_VARIANTS = {"mteo": "pretrained:digits", "mteo_full": "pretrained:digits", "mteo_dit": "pretrained:digits_dit"}
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/digits.py; expected one of {list(VARIANTS)}")
-  config = ml_collections.ConfigDict()
-  config.mode = "train"
-  config.seed = 0
+  if variant in MTEO_VARIANTS:
+    # The main job on a shipped teacher: mteo_jax/pretrained/teacher_digits (made by the default variant with
+    # --config.train.steps=4000 --config.train.warmup_steps=200) or teacher_digits_dit (the dit variant). Every
+    # other key has its default from modes.base_config("mteo").
+    config = modes.base_config("mteo")
+    config.mteo.teacher = MTEO_VARIANTS[variant]
+    config.mteo.nfes = (3, 4, 5) if variant == "mteo_full" else (3,)
+    return config
 
-  config.data = ml_collections.ConfigDict()
+  config = modes.base_config("train")
   config.data.name = "digits"
-  config.data.options = ml_collections.ConfigDict()
-
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = "unet"
-  config.model.kwargs = ml_collections.ConfigDict({
-      "image_size": 8, "in_channels": 1, "model_channels": 32, "channel_mult": (1, 2), "num_blocks": 1,
-      "attn_resolutions": (4,), "dropout": 0.1, "num_classes": 0, "embedding_type": "positional"})
-
-  config.precond = ml_collections.ConfigDict(
-      {"kind": "edm", "sigma_data": 0.75, "sigma_min": 0.002, "sigma_max": 80.0})
-
-  config.train = ml_collections.ConfigDict({
-      "steps": 10_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 500, "lr_decay": "cosine",
-      "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 1_000, "keep": 2,
-      "sample_every": 2_500, "sample_steps": 18, "num_samples": 100})
+  config.model = modes.model_config(
+      "unet", image_size=8, in_channels=1, model_channels=32, channel_mult=(1, 2), num_blocks=1,
+      attn_resolutions=(4,), dropout=0.1, num_classes=0, embedding_type="positional")
+  config.precond.sigma_data = 0.75
+  config.train.update({"steps": 10_000, "batch_size": 64, "lr": 1e-3, "warmup_steps": 500, "lr_decay": "cosine",
+                       "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 1_000, "keep": 2,
+                       "sample_every": 2_500, "sample_steps": 18, "num_samples": 100})
 
   if variant in ("dit", "dit_tiny"):
     # DiT (Peebles & Xie 2023) on 2x2 patches of the 8x8 digits: 16 tokens, adaLN-Zero blocks.
-    config.model.backbone = "dit"
-    config.model.kwargs = ml_collections.ConfigDict({
-        "image_size": 8, "in_channels": 1, "patch_size": 2, "hidden_size": 96, "depth": 6, "num_heads": 4,
-        "mlp_ratio": 4.0, "num_classes": 0, "noise_channels": 96, "embedding_type": "positional"})
+    config.model = modes.model_config(
+        "dit", image_size=8, in_channels=1, patch_size=2, hidden_size=96, depth=6, num_heads=4, mlp_ratio=4.0,
+        num_classes=0, noise_channels=96, embedding_type="positional")
     config.train.update({"lr": 3e-4, "warmup_steps": 500, "steps": 15_000, "batch_size": 128})
   if variant == "dit_tiny":
     config.model.kwargs.update({"hidden_size": 32, "depth": 2, "num_heads": 2, "noise_channels": 32})
@@ -75,16 +74,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "dropout": 0.0})
     config.train.update({"steps": 6, "batch_size": 16, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 3,
                          "sample_steps": 2, "num_samples": 16})
-  if variant == "mteo_dit":
-    # The main job on the shipped DiT teacher (mteo_jax/pretrained/teacher_digits_dit, made by the dit variant).
-    config.mode = "mteo"
-    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:digits_dit",
-                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"), "nfes": (3,)})
-  if variant in ("mteo", "mteo_full"):
-    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_digits, made by the default variant with
-    # --config.train.steps=4000 --config.train.warmup_steps=200); every other key: experiment.MTEOJobConfig.
-    config.mode = "mteo"
-    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:digits",
-                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"),
-                                             "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
   return config

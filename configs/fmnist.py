@@ -21,6 +21,8 @@ of 256; the GPU time is an estimate, not measured), ``tiny``.
 
 import ml_collections
 
+from mteo_jax import modes
+
 VARIANTS = ("default", "gpu", "tiny", "mteo", "mteo_full")
 
 
@@ -28,27 +30,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/fmnist.py; expected one of {list(VARIANTS)}")
-  config = ml_collections.ConfigDict()
-  config.mode = "train"
-  config.seed = 0
+  if variant in ("mteo", "mteo_full"):
+    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_fmnist, made by the default variant), or
+    # --config.mteo.teacher=DIR (a training run's WORKDIR/teacher). A 28x28 network evaluation costs ~4x a digits one
+    # on CPU: 512 training trajectories and 200 steps per (solver, NFE) keep the job near an hour on 2 cores.
+    config = modes.base_config("mteo")
+    config.mteo.update({"teacher": "pretrained:fmnist", "eval_batch_size": 250, "num_train": 512, "steps": 200,
+                        "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
+    return config
 
-  config.data = ml_collections.ConfigDict()
+  config = modes.base_config("train")
   config.data.name = "fashion_mnist"
-  config.data.options = ml_collections.ConfigDict()
-
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = "unet"
-  config.model.kwargs = ml_collections.ConfigDict({
-      "image_size": 28, "in_channels": 1, "model_channels": 16, "channel_mult": (1, 2, 2), "num_blocks": 1,
-      "attn_resolutions": (7,), "dropout": 0.1, "num_classes": 0, "embedding_type": "positional"})
-
-  config.precond = ml_collections.ConfigDict(
-      {"kind": "edm", "sigma_data": 0.7, "sigma_min": 0.002, "sigma_max": 80.0})
-
-  config.train = ml_collections.ConfigDict({
-      "steps": 6_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1_000, "lr_decay": "cosine",
-      "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 2_000, "keep": 2,
-      "sample_every": 5_000, "sample_steps": 18, "num_samples": 64})
+  config.model = modes.model_config(
+      "unet", image_size=28, in_channels=1, model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
+      attn_resolutions=(7,), dropout=0.1, num_classes=0, embedding_type="positional")
+  config.precond.sigma_data = 0.7
+  config.train.update({"steps": 6_000, "batch_size": 32, "lr": 1e-3, "warmup_steps": 1_000, "lr_decay": "cosine",
+                       "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 250, "checkpoint_every": 2_000, "keep": 2,
+                       "sample_every": 5_000, "sample_steps": 18, "num_samples": 64})
 
   if variant == "gpu":
     config.model.kwargs.update({"model_channels": 64, "num_blocks": 2, "attn_resolutions": (7, 14)})
@@ -59,13 +58,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                 "dropout": 0.0})
     config.train.update({"steps": 4, "batch_size": 8, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 2,
                          "sample_steps": 2, "num_samples": 8})
-  if variant in ("mteo", "mteo_full"):
-    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_fmnist, made by the default variant), or
-    # --config.mteo.teacher=DIR (a training run's WORKDIR/teacher). A 28x28 network evaluation costs ~4x a digits one
-    # on CPU: 512 training trajectories and 200 steps per (solver, NFE) keep the job near an hour on 2 cores.
-    config.mode = "mteo"
-    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:fmnist", "eval_batch_size": 250,
-                                             "num_train": 512, "steps": 200,
-                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"),
-                                             "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
   return config

@@ -19,6 +19,8 @@ Variants: ``mteo``, ``mteo_full``, ``default``, ``tiny`` (a 2-block MLP of width
 
 import ml_collections
 
+from mteo_jax import modes
+
 VARIANTS = ("default", "tiny", "mteo", "mteo_full")
 
 
@@ -26,36 +28,26 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/gmm.py; expected one of {list(VARIANTS)}")
-  config = ml_collections.ConfigDict()
-  config.mode = "train"
-  config.seed = 0
+  if variant in ("mteo", "mteo_full"):
+    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_gmm, made by the default variant); every other
+    # key has its default from modes.base_config("mteo").
+    config = modes.base_config("mteo")
+    config.mteo.update({"teacher": "pretrained:gmm", "grid_size": 1000,
+                        "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
+    return config
 
-  config.data = ml_collections.ConfigDict()
+  config = modes.base_config("train")
   config.data.name = "gmm"
   config.data.options = ml_collections.ConfigDict({"mixture": "ring8", "num_samples": 50_000, "seed": 0})
-
-  config.model = ml_collections.ConfigDict()
-  config.model.backbone = "mlp"
-  config.model.kwargs = ml_collections.ConfigDict(
-      {"data_dim": 2, "width": 128, "depth": 3, "emb_dim": 64, "embedding_type": "fourier"})
-
-  config.precond = ml_collections.ConfigDict(
-      {"kind": "edm", "sigma_data": 0.5, "sigma_min": 0.002, "sigma_max": 80.0})
-
-  config.train = ml_collections.ConfigDict({
-      "steps": 20_000, "batch_size": 512, "lr": 1e-3, "warmup_steps": 500, "lr_decay": "cosine",
-      "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 500, "checkpoint_every": 5_000, "keep": 2,
-      "sample_every": 5_000, "sample_steps": 18, "num_samples": 2_000})
+  config.model = modes.model_config("mlp", data_dim=2, width=128, depth=3, emb_dim=64, embedding_type="fourier")
+  config.precond.sigma_data = 0.5
+  config.train.update({"steps": 20_000, "batch_size": 512, "lr": 1e-3, "warmup_steps": 500, "lr_decay": "cosine",
+                       "ema_decay": 0.999, "grad_clip": 1.0, "log_every": 500, "checkpoint_every": 5_000, "keep": 2,
+                       "sample_every": 5_000, "sample_steps": 18, "num_samples": 2_000})
 
   if variant == "tiny":
     config.data.options.num_samples = 4_096
     config.model.kwargs.update({"width": 32, "depth": 2, "emb_dim": 32, "noise_channels": 16})
     config.train.update({"steps": 300, "batch_size": 256, "lr": 3e-3, "warmup_steps": 20, "log_every": 20,
                          "checkpoint_every": 100, "sample_every": 0, "sample_steps": 8, "num_samples": 256})
-  if variant in ("mteo", "mteo_full"):
-    # The main job on the shipped teacher (mteo_jax/pretrained/teacher_gmm, made by the default variant).
-    config.mode = "mteo"
-    config.mteo = ml_collections.ConfigDict({"teacher": "pretrained:gmm", "grid_size": 1000,
-                                             "solvers": ("euler", "dpmpp_2m", "unipc", "ipndm"),
-                                             "nfes": (3, 4, 5) if variant == "mteo_full" else (3,)})
   return config

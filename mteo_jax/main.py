@@ -1,37 +1,33 @@
 """Command line: ``python -m mteo_jax.main --config=configs/<name>.py[:<variant>] --workdir=<dir> [overrides]``.
 
-The config file's ``get_config(variant)`` builds an ml_collections ``ConfigDict``; ``--config.train.steps=10`` and the
-like override single fields. ``config.mode`` picks the job from ``MODES``; a job is ``mode(config, workdir) -> None``
-and converts the config to its typed dataclass itself. Adding one is a single line here:
-
-    MODES.register("train")(train.train_mode)
+The config file's ``get_config(variant)`` starts from ``modes.base_config(mode)``, which holds every key the mode
+reads with its default, so ``--config.<section>.<key>=value`` works for every key of every variant. ``config.mode``
+picks the job from ``modes.MODES``; the whole config is checked (unknown keys, keys the mode does not read, values,
+names, the workdir) before any work.
 
 Examples:
     python -m mteo_jax.main --config=configs/gmm.py:tiny --workdir=/tmp/gmm
     python -m mteo_jax.main --config=configs/digits.py --workdir=/tmp/digits --config.train.steps=2000
+    python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=/tmp/mteo --config.mteo.steps=500
 
 Multi-host: add ``jax.distributed.initialize()`` before ``run`` (every process runs the same command).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging as pylogging
 import os
-from typing import Callable, Sequence
+import sys
+from typing import Sequence
 
 import jax
 import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mteo_jax import experiment, train
-from mteo_jax.registry import Registry
-
-Mode = Callable[[ml_collections.ConfigDict, str], None]
-
-MODES: Registry[Mode] = Registry("mode")
-MODES.register("train")(train.train_mode)
-MODES.register("mteo")(experiment.mteo_mode)
+from mteo_jax import loop, modes
+from mteo_jax.modes import MODES  # noqa: F401  (the registry of modes, re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/gmm.py or configs/gmm.py:tiny (variant after the colon).",
@@ -40,15 +36,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> None:
-  """Runs the job ``config.mode`` in ``workdir``."""
-  if "mode" not in config:
-    raise ValueError(f"the config has no 'mode'; expected one of {MODES.names()}")
-  try:
-    mode = MODES.get(config.mode)
-  except KeyError as error:
-    raise ValueError(error.args[0]) from None
-  mode(config, os.fspath(workdir))
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+  """Runs the job ``config.mode`` in ``workdir`` (``modes.run``: parse, check, claim the workdir, run)."""
+  return modes.run(config, workdir)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -58,14 +48,58 @@ class _QuietLibraries(pylogging.Filter):
     return record.levelno >= pylogging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+def check_overrides(argv: Sequence[str]) -> str | None:
+  """The message for the first ``--config.<key>=...`` in ``argv`` that names no key of the config file's config (an
+  unknown key, or a section the chosen variant's mode does not read), or None when they all exist.
+
+  ml_collections would fail on such an override with a bare ``AttributeError``/``KeyError`` traceback; this names the
+  key, the variant and the valid keys of the section instead.
+  """
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  if spec is None or not overrides:
+    return None
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    return f"no config file {path!r} (e.g. --config=configs/digits.py:mteo)"
+  module_spec = importlib.util.spec_from_file_location("_mteo_jax_config_check", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant or None) if variant else module.get_config()
+  for dotted in overrides:
+    node, walked = config, []
+    for key in dotted.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        where = ".".join(walked) or "the config"
+        valid = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        mode = config.get("mode", "?")
+        return (f"--config.{dotted}: {where} of {spec} (mode {mode!r}) has no key {key!r}; valid keys of {where}: "
+                f"{valid}")
+      node = node[key]
+      walked.append(key)
+  return None
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {list(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())
-  logging.info("config:\n%s", _CONFIG.value)
-  run(_CONFIG.value, _WORKDIR.value)
+  try:
+    modes.parse(_CONFIG.value)  # checked before anything is logged or done: one line, not a traceback
+    logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())
+    logging.info("config:\n%s", _CONFIG.value)
+    run(_CONFIG.value, _WORKDIR.value)
+  except modes.ConfigError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  except loop.NonFiniteError as error:  # the step is named and the last checkpoint on disk is good
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":
+  problem = check_overrides(sys.argv[1:])
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   app.run(main)

@@ -155,55 +155,80 @@ def make_loss_fn(solver: Any, backbone: Backbone, precond: Preconditioning, sigm
 
 # --- MTEO on a model in memory -------------------------------------------------------------------------------------
 
+def train_settings(**overrides: Any):
+  """MTEO's training defaults as a ``loop.LoopConfig`` (300 Adam steps at lr 1e-2, 20 warm-up steps, cosine to 10 %,
+  clipping at 1, batch 32), with ``overrides``."""
+  from mteo_jax import loop  # noqa: PLC0415
+  defaults = dict(steps=300, batch_size=32, lr=1e-2, warmup_steps=20, lr_decay="cosine", lr_end_factor=0.1,
+                  grad_clip=1.0, log_every=10, checkpoint_every=100)
+  return loop.LoopConfig(**{**defaults, **overrides})
+
+
+def table_task(solver: Any, backbone: Backbone, params: Any, precond: Preconditioning, sigmas: Any, table: Table,
+               train_data: dict[str, np.ndarray], loss: LossConfig, *, batch_size: int, seed: int):
+  """The training loop's task for a table: ``make_loss_fn`` over the rows of ``train_data`` (``{"x_T": [M, ...],
+  "ref": [M, N + 1, ...], "label"?: [M]}``), the backbone's ``params`` frozen."""
+  from mteo_jax import loop  # noqa: PLC0415
+  return loop.ArrayTask(table, make_loss_fn(solver, backbone, precond, jnp.asarray(sigmas), loss), train_data,
+                        batch_size=batch_size, seed=seed, frozen=params)
+
+
 def fit_table(backbone: Backbone, params: Any, precond: Preconditioning, solver: Any, sigmas: Any, *,
-              num_train: int = 1024, noise_seed: int = 0, labels: jax.Array | None = None,
-              granularity: str = "layer", loss: LossConfig = LossConfig(), steps: int = 300, batch_size: int = 32,
-              learning_rate: float = 1e-2, warmup_steps: int = 20, grad_clip: float = 1.0,
-              lr_schedule: str = "cosine", reference_solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
-              reference_batch_size: int = 512, checkpoint_dir: str | None = None, checkpoint_every: int = 100,
-              eval_fn: Callable[[Table], float] | None = None, eval_every: int = 0,
-              progress: bool = True) -> tuple[Table, dict[str, list]]:
+              run_dir: str | os.PathLike, num_train: int = 1024, noise_seed: int = 0,
+              labels: jax.Array | None = None, granularity: str = "layer", loss: LossConfig = LossConfig(),
+              train: Any = None, reference_solver: str = "tsit5", rtol: float = 1e-5, atol: float = 1e-5,
+              reference_batch_size: int = 512, eval_fn: Callable[[Table], float] | None = None,
+              eval_every: int = 0) -> tuple[Table, Any]:
   """MTEO on any backbone and parameters in memory: references, table, training, in one call.
 
   Draws ``num_train`` noises ``x_T = sigmas[0] * N(0, I)`` from ``noise_seed``, solves the teacher's probability-flow
   ODE from them with diffrax at ``sigmas`` (``reference.reference_trajectories``), initialises the table at the
-  solver's evaluation sigmas (so it starts as the base solver) and trains it with ``fitting.fit``; the backbone's
+  solver's evaluation sigmas (so it starts as the base solver) and trains it with the library's training loop
+  (``loop.fit``: checkpoints and exact resume in ``run_dir``, NaN stop, ``metrics.jsonl``); the backbone's
   parameters are never updated. Score the result on noise from another seed (e.g. ``noise_seed + 1``).
 
   Args:
     backbone: any ``Backbone`` (a built-in one, ``DiT``, or a ``LinenBackbone`` around your own Linen model).
     params: its parameters; precond: its preconditioning.
     solver: a solver object (``get_solver(...)``); sigmas: [N + 1] its grid (``solver.num_steps_for_nfe(nfe)`` steps).
+    run_dir: checkpoints and metrics (an interrupted call resumes there; a directory of another run is refused).
     labels: [num_train] integer labels for a class-conditional backbone, else None.
-    checkpoint_dir: resume from / checkpoint to this directory (``fitting.fit``); ``eval_fn(table) -> float``
-      every ``eval_every`` steps, e.g. a held-out RMSE.
+    train: the loop's settings, a ``loop.LoopConfig`` (default ``train_settings()``).
+    eval_fn: ``eval_fn(table) -> float`` every ``eval_every`` steps (e.g. a held-out RMSE), in ``metrics.jsonl``.
   Returns:
-    ``(table, history)``: ``{layer: [nfe, D]}`` (or ``{"shared": ...}``) and the loss and evaluation curves.
+    ``(table, result)``: ``{layer: [nfe, D]}`` (or ``{"shared": ...}``) and the ``loop.Result`` (history, train time).
   Raises:
     ValueError / KeyError: bad settings (before the reference solve); the reference solve's errors
-    (``reference.NonFiniteDenoiserError`` for a NaN teacher, ...).
+    (``reference.NonFiniteDenoiserError`` for a NaN teacher, ...); ``loop.NonFiniteError``.
   """
-  from mteo_jax import fitting, reference  # noqa: PLC0415 (fitting imports the data layer; keep mteo light)
-  # The cheap parts first: they check the grid, granularity and optimizer settings before the reference solve.
+  from mteo_jax import loop, parallel, reference  # noqa: PLC0415 (the loop imports the data layer; keep mteo light)
+  from mteo_jax.teachers import teacher_identity  # noqa: PLC0415
+  train = train_settings() if train is None else train
+  # The cheap parts first: they check the grid, granularity and settings before the reference solve.
   sigmas = jnp.asarray(sigmas)
   table = init_table(backbone, params, precond, solver.eval_sigmas(sigmas), granularity)
-  optimizer = fitting.make_optimizer(learning_rate, steps, warmup_steps, grad_clip, lr_schedule)
+  if train.batch_size > num_train:
+    raise ValueError(f"train.batch_size={train.batch_size} exceeds num_train={num_train}")
+  loop.check_batch_size(train.batch_size, parallel.make_mesh(), where="fit_table")
   x_T = reference.reference_noise(noise_seed, num_train, backbone.data_shape, float(sigmas[0]))
   ref = reference.reference_trajectories(make_denoiser(backbone, params, precond), x_T, sigmas,
                                          solver=reference_solver, rtol=rtol, atol=atol,
                                          batch_size=min(reference_batch_size, num_train), labels=labels,
-                                         progress=progress)
+                                         progress=train.progress)
   train_data = {"x_T": np.asarray(x_T), "ref": np.swapaxes(ref.states, 0, 1)}
   if labels is not None:
     train_data["label"] = np.asarray(labels)
-  return fitting.fit(make_loss_fn(solver, backbone, precond, sigmas, loss), table, params, train_data, optimizer,
-                     steps=steps, batch_size=min(batch_size, num_train), seed=noise_seed, eval_fn=eval_fn,
-                     eval_every=eval_every, checkpoint_dir=checkpoint_dir,
-                     checkpoint_every=checkpoint_every if checkpoint_dir else 0,
-                     metadata=None if checkpoint_dir is None else {
-                         "solver": solver.name, "sigmas": [float(s) for s in sigmas], "num_train": num_train,
-                         "noise_seed": noise_seed, "granularity": granularity, "steps": steps},
-                     progress=progress, desc=f"MTEO {solver.name} NFE {solver.nfe(sigmas.shape[0] - 1)}")
+  task = table_task(solver, backbone, params, precond, sigmas, table, train_data, loss, batch_size=train.batch_size,
+                    seed=noise_seed)
+  identity = {"teacher": teacher_identity(backbone, params, precond), "solver": solver.name,
+              "sigmas": [float(s) for s in sigmas], "num_train": num_train, "noise_seed": noise_seed,
+              "granularity": granularity, "loss": dataclasses.asdict(loss),
+              "reference": {"solver": reference_solver, "rtol": rtol, "atol": atol},
+              "labels": None if labels is None else np.asarray(labels).tolist()}
+  result = loop.fit(task, train, run_dir, seed=noise_seed, identity=identity,
+                    eval_fn=None if eval_fn is None else (lambda step, state: {"eval": eval_fn(state.params)}),
+                    eval_every=eval_every, desc=f"MTEO {solver.name} NFE {solver.nfe(sigmas.shape[0] - 1)}")
+  return jax.device_get(result.state.params), result
 
 
 # --- the artefact -------------------------------------------------------------------------------------------------
@@ -230,7 +255,7 @@ def table_metadata(teacher_hash: str, solver_name: str, solver_options: dict, sc
   }
 
 
-def save_table(path: str, table: Table, metadata: dict, *, overwrite: bool = False) -> None:
+def save_table(path: str | os.PathLike, table: Table, metadata: dict, *, overwrite: bool = False) -> None:
   """The table as an orbax checkpoint (``path/table``) with its metadata beside it (``path/metadata.json``).
 
   Written to a staging directory and renamed into place, so an interrupted save leaves nothing half-written; an
@@ -266,22 +291,35 @@ def _read_table_metadata(path: pathlib.Path) -> dict:
   return metadata
 
 
-def load_table(path: str, *, teacher_hash: str, solver_name: str, nfe: int, solver_options: dict | None = None,
-               sigmas: Any = None) -> tuple[Table, dict]:
-  """Loads a table, checking that it belongs to this teacher, solver and NFE (and sigmas, when given)."""
+def load_table(path: str | os.PathLike, teacher: Any, *, solver_name: str, nfe: int,
+               solver_options: dict | None = None, sigmas: Any = None) -> tuple[Table, dict]:
+  """Loads a table saved by ``save_table``, checking that it belongs to ``teacher`` (a ``teachers.Teacher``; its
+  ``identity`` must be the one the table was trained for), this solver and NFE (and sigmas, when given).
+
+  Returns:
+    ``(table, metadata)``; sample with ``student_sample(solver, teacher.backbone, teacher.params, teacher.precond,
+    table, x_T, metadata["sigmas"])``.
+  Raises:
+    FileNotFoundError: nothing at ``path``. ValueError: not a table, or a table of another teacher, solver, NFE or
+    grid (the message lists what differs). TypeError: ``teacher`` is not a teacher object.
+  """
   import orbax.checkpoint as ocp  # noqa: PLC0415
+  identity = getattr(teacher, "identity", None)
+  if not isinstance(identity, str):
+    raise TypeError(f"teacher must be a teachers.Teacher (Teacher.load(...) or Teacher.from_model(...)), got "
+                    f"{type(teacher).__name__}")
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"no MTEO table at {path}")
   metadata = _read_table_metadata(path)
-  expected = {"teacher": teacher_hash, "solver": solver_name, "nfe": nfe}
+  expected = {"teacher": identity, "solver": solver_name, "nfe": nfe}
   if solver_options is not None:
     expected["solver_options"] = dict(solver_options)
   mismatches = [f"{key}: table has {metadata.get(key)!r}, expected {value!r}" for key, value in expected.items()
                 if metadata.get(key) != value]
   if sigmas is not None:
     wanted = [float(s) for s in jnp.asarray(sigmas)]
-    if not jnp.allclose(jnp.asarray(metadata["sigmas"]), jnp.asarray(wanted), rtol=1e-6):
+    if len(wanted) != len(metadata["sigmas"]) or not np.allclose(metadata["sigmas"], wanted, rtol=1e-6):
       mismatches.append(f"sigmas: table has {metadata['sigmas']}, expected {wanted}")
   if mismatches:
     raise ValueError(f"the MTEO table at {path} does not belong to this run: " + "; ".join(mismatches))

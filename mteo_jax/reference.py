@@ -27,7 +27,6 @@ the same shapes compile nothing. The disk cache is keyed by the content of the n
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import functools
 import json
@@ -460,19 +459,6 @@ def _pad_rows(x: jax.Array, pad: int) -> jax.Array:
 
 # --- cache keys -------------------------------------------------------------------------------------------------------
 
-def teacher_identity(params: Any, backbone: Any = None) -> str:
-  """Hash of a network teacher: ``hash_pytree(params)`` together with the backbone's class, data shape and options.
-
-  Closed-form teachers (``Gaussian``, ``GaussianMixture``) are dataclasses of arrays: use ``hash_json(teacher)``.
-  """
-  config = None
-  if backbone is not None:
-    module = backbone.module
-    options = {f.name: getattr(module, f.name) for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
-    config = {"class": type(module).__name__, "data_shape": list(backbone.data_shape), "options": options}
-  return hash_json({"params": hash_pytree(params), "backbone": config})
-
-
 def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed: int, num: int,
                   data_shape: tuple[int, ...], save_sigmas: Any, solver: str, rtol: float, atol: float,
                   extra: dict | None = None, *, x_T: Any, sigma_start: float | None = None, noise_dtype: Any = None,
@@ -485,7 +471,8 @@ def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed
   ``jax_threefry_partitionable`` setting, and a cached reference of other noise must not be served for it.
 
   Args:
-    teacher_hash: e.g. ``teacher_identity(params, backbone)``, or ``hash_json(teacher)`` for a closed-form teacher.
+    teacher_hash: e.g. ``teachers.Teacher.identity`` (``teachers.teacher_identity(backbone, params, precond)``), or
+      ``hash_json(teacher)`` for a closed-form teacher.
     precond: the teacher's preconditioning (None for a closed-form teacher).
     noise_seed: the seed ``x_T`` was drawn from (kept in the key for the readable ``.json``).
     num, data_shape: ``x_T``'s shape is ``(num, *data_shape)``.
@@ -504,7 +491,7 @@ def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed
       ``labels`` not of shape ``(num,)``; ``label_seed`` without ``labels``.
   """
   if not isinstance(teacher_hash, str) or not teacher_hash:
-    raise TypeError(f"teacher_hash must be a non-empty string (e.g. teacher_identity(params, backbone)), "
+    raise TypeError(f"teacher_hash must be a non-empty string (e.g. Teacher.identity), "
                     f"got {teacher_hash!r}")
   REFERENCE_SOLVERS.get(solver)
   sigmas = np.asarray(save_sigmas)

@@ -11,13 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from mteo_jax import Preconditioning, data, fitting, make_denoiser, metrics, mteo
+from mteo_jax import Preconditioning, data, loop, make_denoiser, metrics, mteo
 from mteo_jax.diffusion import edm_training_loss
 from mteo_jax.nets import Backbone
 from mteo_jax.nets.adapter import LinenBackbone
-from mteo_jax.reference import reference_noise, reference_trajectories, teacher_identity
+from mteo_jax.reference import reference_noise, reference_trajectories
 from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
+from mteo_jax.teachers import Teacher, teacher_identity
 
 PRECOND = Preconditioning("edm", sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
 
@@ -205,7 +206,10 @@ def test_mlp_style_model_with_its_own_calling_convention(mlp):
                                                                 granularity), static_argnums=1)
   table = init_table(params, "layer")
   assert sorted(table) == ["film0", "film1", "film2"] and table["film0"].shape == (4, 24)
-  assert isinstance(teacher_identity(params, backbone), str)  # reference caches can key this teacher
+  # Reference caches and tables can key this teacher: one identity, in memory or through Teacher.
+  identity = teacher_identity(backbone, params, PRECOND)
+  assert isinstance(identity, str) and Teacher.from_model(backbone, params, PRECOND).identity == identity
+  assert teacher_identity(backbone, jax.tree.map(lambda p: p + 1.0, params), PRECOND) != identity
   x_T = reference_noise(3, 16, (2,), PRECOND.sigma_max)
   run = jax.jit(lambda table, x: mteo.student_sample(solver, backbone, params, PRECOND, table, x, sigmas))
   base = run(None, x_T)
@@ -237,7 +241,7 @@ def _train_teacher(backbone, params, steps=150, batch_size=48, learning_rate=5e-
   return params
 
 
-def test_mteo_lowers_the_nfe3_error_of_a_third_party_unet(unet):
+def test_mteo_lowers_the_nfe3_error_of_a_third_party_unet(unet, tmp_path):
   backbone, params = unet
   params = _train_teacher(backbone, params)  # ~15 s of the ~30 s this test takes on 2 busy CPU cores
   frozen = jax.tree.map(np.array, params)
@@ -254,14 +258,17 @@ def test_mteo_lowers_the_nfe3_error_of_a_third_party_unet(unet):
   sample = jax.jit(lambda table, x: mteo.student_sample(solver, backbone, params, PRECOND, table, x, sigmas))
   base = np.asarray(sample(None, x_eval))
   np.testing.assert_allclose(sample(table, x_eval), base, rtol=0, atol=1e-5)  # the untrained table is the base solver
-  loss_fn = mteo.make_loss_fn(solver, backbone, PRECOND, sigmas, mteo.LossConfig())
   train_data = {"x_T": np.asarray(x_train), "ref": np.swapaxes(train_ref, 0, 1)}
-  trained, history = fitting.fit(loss_fn, table, params, train_data, fitting.make_optimizer(1e-1, 80, 10),
-                                 steps=80, batch_size=32, seed=10, progress=False)
+  task = mteo.table_task(solver, backbone, params, PRECOND, sigmas, table, train_data, mteo.LossConfig(),
+                         batch_size=32, seed=10)
+  result = loop.fit(task, mteo.train_settings(steps=80, lr=1e-1, warmup_steps=10, progress=False), tmp_path, seed=10,
+                    identity={"teacher": Teacher.from_model(backbone, params, PRECOND).identity, "solver": "dpmpp_2m"})
+  trained = result.state.params
   rmse_before = metrics.rmse(base, eval_final)
   rmse_after = metrics.rmse(np.asarray(sample(trained, x_eval)), eval_final)
   assert rmse_after < 0.8 * rmse_before, (rmse_before, rmse_after)  # measured: 0.211 -> 0.146
-  assert history["loss"][-1] < history["loss"][0]
+  losses = result.losses[1]
+  assert losses[-1] < losses[0]
   jax.tree.map(np.testing.assert_array_equal, frozen, jax.tree.map(np.array, params))  # the teacher stays frozen
 
 

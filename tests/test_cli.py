@@ -1,9 +1,16 @@
-"""The command line end to end on the tiny configs, the mode registry, and every config file's variants."""
+"""The command line end to end on the tiny configs, the mode registry, every config file's variants (each holds
+every key its mode reads, with its default), and the one-line errors for bad overrides."""
 
+import dataclasses
+import glob
 import importlib.util
+import json
 import os
+import re
+import resource
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -11,12 +18,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mteo_jax import checkpoints, main, train
+from mteo_jax import checkpoints, main, modes, teachers, train
 from mteo_jax.nets import make_denoiser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"gmm": ("default", "tiny"), "digits": ("default", "cond", "tiny", "dit", "dit_tiny"), "fmnist": ("default", "gpu", "tiny"),
-           "cifar10": ("default", "tiny")}
+CONFIGS = {"gmm": ("default", "tiny"), "digits": ("default", "cond", "tiny", "dit", "dit_tiny"),
+           "fmnist": ("default", "gpu", "tiny"), "cifar10": ("default", "tiny")}
+CONFIG_FILES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(REPO, "configs", "*.py"))
+                      if not os.path.basename(p).startswith("_"))
+# A config error is reported before any work: Python, JAX and the library imported, the config read, then exit 2.
+ERROR_SECONDS = 5.0
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 DATA_SHAPES = {"gmm": (2,), "digits": (8, 8, 1), "fmnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 
@@ -29,14 +40,46 @@ def load_config_file(name: str):
   return module
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli_unchecked(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float, str]:
+  """``python -m mteo_jax.main ARGS`` in the repository, whatever its exit status: ``(proc, wall seconds, "wall W s
+  (cpu C s, load L on N cores)")`` (CPU time and load say whether a slow run was starved by other work)."""
   # One CPU device whatever the calling environment says, and XLA's cheap compile pipeline: these runs test the
   # plumbing, and compiling dominates their time.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
+  before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
   proc = subprocess.run([sys.executable, "-m", "mteo_jax.main", *args], cwd=REPO, env=env, capture_output=True,
-                        text=True, timeout=600)
+                        text=True, timeout=timeout)
+  wall = time.perf_counter() - start
+  after = resource.getrusage(resource.RUSAGE_CHILDREN)
+  cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+  return proc, wall, f"wall {wall:.1f} s (cpu {cpu:.1f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+  """``python -m mteo_jax.main ARGS``, which must succeed."""
+  proc, _, _ = run_cli_unchecked(*args)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
+
+
+def dotted_keys(tree, prefix: str = "") -> list[str]:
+  """The dotted paths of every leaf of a nested dict/ConfigDict (an empty section counts as a leaf)."""
+  keys = []
+  for key, value in tree.items():
+    if hasattr(value, "items") and len(value):
+      keys.extend(dotted_keys(value, f"{prefix}{key}."))
+    else:
+      keys.append(f"{prefix}{key}")
+  return keys
+
+
+def has_key(config, dotted: str) -> bool:
+  """Whether ``config`` holds the dotted key ``a.b.c`` (what ``--config.a.b.c=...`` needs)."""
+  for key in dotted.split("."):
+    if not hasattr(config, "keys") or key not in config:
+      return False
+    config = config[key]
+  return True
 
 
 @pytest.mark.parametrize("name, variant, overrides, steps", [
@@ -45,6 +88,8 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     ("digits", "dit_tiny", (), 6),   # the DiT backbone through the same CLI
 ])
 def test_tiny_config_trains_end_to_end(tmp_path, name, variant, overrides, steps):
+  """A tiny train variant runs through the CLI: progress logged, checkpoints, metrics, pictures (overrides applied),
+  and an exported teacher whose denoiser maps data to data; the workdir is claimed for this experiment."""
   workdir = tmp_path / name
   proc = run_cli(f"--config=configs/{name}.py:{variant}", f"--workdir={workdir}", *overrides)
   assert f"step {steps}/{steps}" in proc.stderr  # progress lines are logged
@@ -63,37 +108,65 @@ def test_tiny_config_trains_end_to_end(tmp_path, name, variant, overrides, steps
   x = jax.random.normal(jax.random.key(0), (3,) + DATA_SHAPES[name])
   x0_hat = jax.jit(lambda p, x: make_denoiser(backbone, p, precond)(x, jnp.array([0.1, 1.0, 10.0])))(params, x)
   assert x0_hat.shape == x.shape and np.all(np.isfinite(np.asarray(x0_hat)))
+  claimed = json.loads((workdir / modes.EXPERIMENT_FILE).read_text())
+  assert claimed["mode"] == "train" and claimed["task"]["data"]["name"] == name
 
 
 def test_unknown_mode_lists_the_valid_ones(tmp_path):
+  """An unknown or missing mode is a ConfigError listing the registered modes, raised before the workdir is touched;
+  the registry holds Mode entries (typed config, run function, identity)."""
   config = load_config_file("gmm").get_config("tiny")
   config.mode = "distil"
-  with pytest.raises(ValueError, match=r"unknown mode 'distil'; expected one of \['mteo', 'train'\]"):
-    main.run(config, tmp_path)
+  with pytest.raises(modes.ConfigError, match=r"unknown mode 'distil'; expected one of \['mteo', 'train'\]"):
+    main.run(config, tmp_path / "w")
   del config["mode"]
-  with pytest.raises(ValueError, match="no 'mode'"):
-    main.run(config, tmp_path)
-  assert "train" in main.MODES and main.MODES.get("train") is train.train_mode
+  with pytest.raises(modes.ConfigError, match=r"no 'mode'; expected one of \['mteo', 'train'\]"):
+    main.run(config, tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+  assert main.MODES is modes.MODES and "train" in main.MODES and "mteo" in main.MODES
+  spec = main.MODES.get("train")
+  assert isinstance(spec, modes.Mode) and spec.name == "train"
+  assert spec.config_class is train.TeacherConfig and spec.run is train.train
+
+
+@dataclasses.dataclass(frozen=True)
+class _ProbeConfig:
+  """The whole config of the test's ``_probe`` mode."""
+  mode: str = "_probe"
+  seed: int = 0
+  overwrite: bool = False
+  level: int = 1
 
 
 def test_a_registered_mode_is_dispatched(tmp_path):
+  """A Mode registered in MODES gets its base config, its typed config parsed by main.run, the workdir claimed with
+  its identity, and its run function called with (typed config, workdir)."""
   calls = []
-  main.MODES.register("_probe")(lambda config, workdir: calls.append((config.seed, workdir)))
+  main.MODES.register("_probe")(modes.Mode("_probe", _ProbeConfig, lambda config, workdir: calls.append(
+      (config, workdir)), lambda config: {"mode": "_probe", "level": config.level}))
   try:
-    config = load_config_file("gmm").get_config("tiny")
-    config.mode = "_probe"
+    config = modes.base_config("_probe")
+    assert config.to_dict() == {"mode": "_probe", "seed": 0, "overwrite": False, "level": 1}
+    config.seed, config.level = 3, 2
     main.run(config, tmp_path)
+    config.levle = 4
+    with pytest.raises(modes.ConfigError, match=r"does not read the config key\(s\) \['levle'\]"):
+      main.run(config, tmp_path)
   finally:
     main.MODES._entries.pop("_probe")  # leave the registry as it was for other tests
-  assert calls == [(0, os.fspath(tmp_path))]
+  assert calls == [(_ProbeConfig(seed=3, level=2), tmp_path)]
+  assert json.loads((tmp_path / modes.EXPERIMENT_FILE).read_text()) == {"mode": "_probe", "level": 2}
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_config_variants_build(name):
+  """Every train variant parses, its backbone maps data of the dataset's shape to that shape, and the tiny and
+  CIFAR-10 networks have the expected sizes; an unknown variant is an error."""
   module = load_config_file(name)
   assert "python -m mteo_jax.main --config=configs/" in module.__doc__
   for variant in CONFIGS[name]:
-    config = train.TeacherConfig.from_config(module.get_config(None if variant == "default" else variant))
+    spec, config = modes.parse(module.get_config(None if variant == "default" else variant))
+    assert spec.name == "train" and isinstance(config, train.TeacherConfig)
     assert config.precond.kind == "edm" and config.mode == "train"
     backbone = train.build_backbone(config.model, DATA_SHAPES[name])  # checks the output shape too
     assert backbone.num_classes == (10 if variant == "cond" else 0)
@@ -107,16 +180,128 @@ def test_config_variants_build(name):
     module.get_config("huge")
 
 
-@pytest.mark.parametrize("name, variants", [("gmm", ("mteo", "mteo_full")),
-                                            ("digits", ("mteo", "mteo_full", "mteo_dit")),
-                                            ("fmnist", ("mteo", "mteo_full"))])
-def test_mteo_variants_build(name, variants):
-  from mteo_jax import config_utils, experiment  # noqa: PLC0415
+MTEO_VARIANTS = {"gmm": ("mteo", "mteo_full"), "digits": ("mteo", "mteo_full", "mteo_dit"),
+                 "fmnist": ("mteo", "mteo_full")}
+
+
+@pytest.mark.parametrize("name", sorted(MTEO_VARIANTS))
+def test_mteo_variants_build(name):
+  """Every mteo variant parses to the mteo mode on a shipped teacher, with the cells it documents."""
   module = load_config_file(name)
-  for variant in variants:
-    config = module.get_config(variant)
-    assert config.mode == "mteo" and "mteo" in main.MODES
-    job = config_utils.from_dict(experiment.MTEOJobConfig, config_utils.to_plain(config.mteo), where="mteo")
+  for variant in MTEO_VARIANTS[name]:
+    spec, config = modes.parse(module.get_config(variant))
+    assert spec.name == "mteo" and config.mode == "mteo"
+    job = config.mteo
     teacher = f"pretrained:{name}_dit" if variant == "mteo_dit" else f"pretrained:{name}"
     assert job.teacher == teacher and job.nfes == ((3, 4, 5) if variant == "mteo_full" else (3,))
-    assert experiment.resolve_teacher(job.teacher).is_dir()   # shipped
+    assert teachers.resolve_teacher(job.teacher).is_dir()   # shipped
+
+
+def test_the_variant_lists_cover_every_variant():
+  """The lists above name every variant of every config file (so none escapes the build tests)."""
+  assert sorted(CONFIGS) == CONFIG_FILES
+  for name in CONFIG_FILES:
+    assert sorted(load_config_file(name).VARIANTS) == sorted(CONFIGS[name] + MTEO_VARIANTS.get(name, ())), name
+
+
+# --- every default in the config, one-line errors -----------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONFIG_FILES)
+def test_every_variant_holds_every_default_and_parses(name):
+  """For every variant of configs/<name>.py: every key of modes.base_config(mode) is in the variant's config (so each
+  documented --config.<key> override exists), a model section holds every option of its backbone, and modes.parse
+  accepts the variant."""
+  module = load_config_file(name)
+  for variant in module.VARIANTS:
+    config = module.get_config(variant)
+    base = modes.base_config(config.mode)
+    keys = dotted_keys(base)
+    assert len(keys) > 10 and "seed" in keys and "overwrite" in keys
+    missing = [k for k in keys if not has_key(config, k)]
+    assert not missing, f"{name}:{variant} lacks {missing}"
+    assert sorted(config.keys()) == sorted(base.keys()), f"{name}:{variant}"   # no section the mode does not read
+    if "model" in config:
+      options = modes.model_config(config.model.backbone).kwargs
+      assert set(options) <= set(config.model.kwargs), f"{name}:{variant}: {set(options) - set(config.model.kwargs)}"
+    spec, typed = modes.parse(config)
+    assert spec.name == config.mode and typed.mode == config.mode
+
+
+def test_an_mteo_override_of_an_existing_key_parses(monkeypatch):
+  """--config=configs/digits.py:mteo --config.mteo.steps=500 names an existing key (check_overrides passes it) and
+  the config with the override applied parses, with the override in the typed config."""
+  argv = ["--config=configs/digits.py:mteo", "--workdir=/unused", "--config.mteo.steps=500"]
+  monkeypatch.chdir(REPO)   # the config path is relative to the repository, as on the command line
+  assert main.check_overrides(argv) is None
+  config = load_config_file("digits").get_config("mteo")
+  config.mteo.steps = 500
+  spec, typed = modes.parse(config)
+  assert spec.name == "mteo" and typed.mteo.steps == 500 and typed.mteo.teacher == "pretrained:digits"
+
+
+def test_check_overrides_names_the_valid_keys(monkeypatch):
+  """check_overrides names the first override of a key that does not exist, with the valid keys of its section, and
+  passes overrides of existing keys (or a command line without overrides)."""
+  monkeypatch.chdir(REPO)
+  assert main.check_overrides(["--config=configs/gmm.py:tiny", "--config.train.steps=3"]) is None
+  assert main.check_overrides(["--config=configs/gmm.py:tiny"]) is None
+  problem = main.check_overrides(["--config=configs/gmm.py:tiny", "--config.model.kwargs.widht=3"])
+  assert re.search(r"--config\.model\.kwargs\.widht: .*has no key 'widht'; valid keys of model\.kwargs: \[.*'width'",
+                   problem), problem
+  problem = main.check_overrides(["--config=configs/nope.py", "--config.seed=1"])
+  assert "no config file 'configs/nope.py'" in problem
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--config=configs/digits.py:mteo", "--config.train.steps=7"),
+     r"^error: --config\.train\.steps: the config of configs/digits\.py:mteo \(mode 'mteo'\) has no key 'train'; "
+     r"valid keys of the config: \['mode', 'mteo', 'overwrite', 'seed'\]$"),
+    (("--config=configs/gmm.py:tiny", "--config.train.stepz=3"),
+     r"^error: --config\.train\.stepz: train of configs/gmm\.py:tiny \(mode 'train'\) has no key 'stepz'; "
+     r"valid keys of train: \['batch_size', .*'steps', 'warmup_steps'\]$"),
+])
+def test_an_override_of_a_missing_key_exits_2_with_one_line(tmp_path, args, message):
+  """An override naming a key that the variant's config lacks (a section of another mode, a misspelt key) exits 2
+  within ERROR_SECONDS with exactly one line naming the valid keys, and touches no workdir."""
+  workdir = tmp_path / "w"
+  proc, wall, times = run_cli_unchecked(*args, f"--workdir={workdir}", timeout=60)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-4000:]
+  assert not workdir.exists()
+  assert wall < ERROR_SECONDS, f"{times} to report a bad override"
+
+
+def test_a_bad_value_exits_2_naming_the_valid_values(tmp_path):
+  """--config.mteo.lr_decay=cosin (next to a valid override) exits 2 within ERROR_SECONDS with a one-line error naming
+  the valid values, nothing else on stderr, and before the workdir is claimed."""
+  workdir = tmp_path / "w"
+  proc, wall, times = run_cli_unchecked("--config=configs/digits.py:mteo", f"--workdir={workdir}",
+                                        "--config.mteo.steps=500", "--config.mteo.lr_decay=cosin", timeout=60)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == ["error: invalid config for mode 'mteo': unknown mteo.lr_decay 'cosin'; expected one of "
+                    "['constant', 'cosine', 'linear']"], proc.stderr[-4000:]
+  assert proc.stderr.strip().splitlines() == errors  # nothing else: no traceback, no config dump before the error
+  assert not workdir.exists()
+  assert wall < ERROR_SECONDS, f"{times} to report a bad value"
+
+
+def test_parse_refuses_a_section_the_mode_does_not_read():
+  """modes.parse on an mteo config with a train section (or a misspelt section) is a ConfigError naming the mode's
+  valid keys, and so is an unknown key inside a section."""
+  config = load_config_file("digits").get_config("mteo")
+  config.train = modes.base_config("train").train
+  with pytest.raises(modes.ConfigError, match=r"mode 'mteo' does not read the config key\(s\) \['train'\]; its keys "
+                                              r"are \['mode', 'mteo', 'overwrite', 'seed'\]"):
+    modes.parse(config)
+  config = load_config_file("digits").get_config("mteo").to_dict()
+  config["mteo"]["stepz"] = 3
+  with pytest.raises(modes.ConfigError, match=r"mteo\.stepz.*valid keys of config\.mteo: \[.*'steps'"):
+    modes.parse(config)
+  config = load_config_file("gmm").get_config("tiny")
+  config.mteo = modes.base_config("mteo").mteo
+  with pytest.raises(modes.ConfigError, match=r"mode 'train' does not read the config key\(s\) \['mteo'\]; its "
+                                              r"keys are \['data', 'mode', 'model', 'overwrite', 'precond', 'seed', "
+                                              r"'train'\]"):
+    modes.parse(config)

@@ -1,7 +1,11 @@
-"""The main job end to end on tiny teachers trained here: references, MTEO training, held-out evaluation, outputs."""
+"""The main job end to end on tiny teachers (trained here or shipped): references, MTEO training, held-out evaluation,
+outputs; resuming a workdir after a harmless change; one teacher identity; every setting checked before any work."""
 
+import dataclasses
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mteo_jax import experiment, mteo, train
+from mteo_jax import checkpoints, experiment, harness, modes, mteo, teachers, train, viz
+from mteo_jax.schedules import get_schedule
+from mteo_jax.teachers import Teacher
 from test_cli import FAST_COMPILE, REPO, load_config_file, run_cli
 
 REQUIRED = {"method", "solver", "nfe", "rmse", "psnr", "train_seconds", "sample_seconds_per_1k", "n_eval"}
@@ -28,9 +34,9 @@ def digits_teacher(tmp_path_factory):
 
 def _job_config(name, teacher, **overrides):
   config = load_config_file(name).get_config("mteo")
-  config.mteo.update({"teacher": os.fspath(teacher), "solvers": ("euler", "dpmpp_2m"), "steps": 40,
+  config.mteo.update({"teacher": os.fspath(teacher), "solvers": ("dpmpp_2m",), "steps": 40,
                       "batch_size": 32, "num_train": 128, "num_eval": 64, "eval_batch_size": 32, "eval_every": 20,
-                      "checkpoint_every": 20, "teacher_steps": 4, "grid_size": 8, "learning_rate": 2e-2,
+                      "checkpoint_every": 20, "teacher_steps": 4, "grid_size": 8, "lr": 2e-2,
                       "progress": False, **overrides})
   config.mteo.reference = ml_collections.ConfigDict({"solver": "tsit5", "rtol": 1e-3, "atol": 1e-3,
                                                      "batch_size": 64})
@@ -38,65 +44,154 @@ def _job_config(name, teacher, **overrides):
 
 
 def test_main_job_on_an_image_teacher(digits_teacher, tmp_path):
+  """The image path (FD in the shipped digits classifier's features, a comparison grid) through ``run_mteo`` on a
+  ConfigDict; one solver (the GMM job below runs euler)."""
   results = experiment.run_mteo(_job_config("digits", digits_teacher), tmp_path)
   on_disk = json.loads((tmp_path / "results.json").read_text())
   assert on_disk["rows"] == json.loads(json.dumps(results["rows"]))
   assert {"teacher", "config", "seed"} <= set(on_disk)
   methods = [(r["method"], r["solver"], r["nfe"]) for r in on_disk["rows"]]
-  assert ("teacher", "heun", 7) in methods
-  for solver in ("euler", "dpmpp_2m"):
-    base = next(r for r in on_disk["rows"] if r["method"] == "base" and r["solver"] == solver)
-    tuned = next(r for r in on_disk["rows"] if r["method"] == "mteo" and r["solver"] == solver)
-    assert REQUIRED <= set(base) and REQUIRED <= set(tuned)
-    assert base["n_eval"] == tuned["n_eval"] == 64
-    assert tuned["fd_name"] == "FD-digits" and np.isfinite(tuned["fd"])
-    assert tuned["train_seconds"] > 0 and base["train_seconds"] == 0
-    assert tuned["rmse"] < base["rmse"], (solver, base["rmse"], tuned["rmse"])  # held-out noise
-    assert tuned["held_out_curve"]["rmse"][-1] < tuned["held_out_curve"]["rmse"][0] * 1.0001
+  assert methods[0] == ("teacher", "heun", 7) and methods[1][:2] == ("reference", "tsit5")
+  assert methods[2:] == [("base", "dpmpp_2m", 3), ("mteo", "dpmpp_2m", 3)]
+  reference, base, tuned = on_disk["rows"][1:]
+  assert reference["rmse"] == 0 and np.isfinite(reference["fd"])   # the reference against the real test digits
+  assert REQUIRED <= set(base) and REQUIRED <= set(tuned)
+  assert base["n_eval"] == tuned["n_eval"] == 64
+  assert tuned["fd_name"] == "FD-digits" and np.isfinite(tuned["fd"])
+  assert tuned["train_seconds"] > 0 and base["train_seconds"] == 0
+  assert tuned["rmse"] < base["rmse"], (base["rmse"], tuned["rmse"])  # held-out noise
+  assert tuned["held_out_curve"]["step"] == [20, 40]
+  assert tuned["held_out_curve"]["rmse"][-1] < tuned["held_out_curve"]["rmse"][0] * 1.0001
   assert Image.open(tmp_path / "samples.png").size[0] > 100
   assert Image.open(tmp_path / "rmse_bars.png").size[0] > 100
   # The saved table belongs to this teacher, solver and NFE only.
-  table, meta = mteo.load_table(str(tmp_path / "tables" / "euler_nfe3"), teacher_hash=results["teacher"]["identity"],
-                                solver_name="euler", nfe=3)
+  teacher = Teacher.load(digits_teacher)
+  assert results["teacher"]["identity"] == teacher.identity
+  table, meta = mteo.load_table(tmp_path / "tables" / "dpmpp_2m_nfe3", teacher, solver_name="dpmpp_2m", nfe=3)
   assert meta["granularity"] == "layer" and mteo.table_nfe(table) == 3
-  with pytest.raises(ValueError, match="solver: table has 'euler', expected 'heun'"):
-    mteo.load_table(str(tmp_path / "tables" / "euler_nfe3"), teacher_hash=results["teacher"]["identity"],
-                    solver_name="heun", nfe=3)
-  # A second run reuses the cached references and the finished checkpoints: same table, nothing retrained.
-  again = experiment.run_mteo(_job_config("digits", digits_teacher), tmp_path)
-  assert [r["rmse"] for r in again["rows"] if r["method"] == "mteo"] == \
-      [r["rmse"] for r in results["rows"] if r["method"] == "mteo"]
+  with pytest.raises(ValueError, match="solver: table has 'dpmpp_2m', expected 'heun'"):
+    mteo.load_table(tmp_path / "tables" / "dpmpp_2m_nfe3", teacher, solver_name="heun", nfe=3)
+  # (Rerunning a workdir reuses its references and finished runs: test_a_harmless_change_resumes_without_retraining.)
 
 
-def test_main_job_refuses_a_missing_teacher(tmp_path):
-  with pytest.raises(FileNotFoundError, match="does not exist"):
-    experiment.run_mteo(_job_config("gmm", tmp_path / "nowhere"), tmp_path)
-  with pytest.raises(FileNotFoundError, match="no shipped teacher 'nope'"):
-    experiment.resolve_teacher("pretrained:nope")
-  assert experiment.resolve_teacher("pretrained:digits").exists()
+# --- the shipped GMM teacher through modes.run: the job, its resumption, its identity --------------------------------
+
+def _gmm_config(**overrides) -> ml_collections.ConfigDict:
+  """A tiny main job on the shipped GMM teacher, from ``modes.base_config("mteo")`` (every key has its default)."""
+  config = modes.base_config("mteo")
+  config.mteo.update({"teacher": "pretrained:gmm", "solvers": ("euler",), "nfes": (3,), "steps": 20, "batch_size": 32,
+                      "num_train": 64, "num_eval": 64, "eval_batch_size": 32, "eval_every": 10, "checkpoint_every": 10,
+                      "teacher_steps": 5, "grid_size": 64, "lr": 2e-2, **overrides})
+  config.mteo.reference.update({"rtol": 1e-3, "atol": 1e-3, "batch_size": 64})
+  return config
 
 
-def test_shipped_gmm_teacher_main_job(tmp_path):
+def _rows(results) -> dict:
+  return {(r["method"], r["solver"], r["nfe"]): r for r in results["rows"]}
+
+
+@pytest.fixture(scope="module")
+def gmm_job(tmp_path_factory):
+  """``(workdir, results)`` of the tiny GMM job (progress bars on, as by default)."""
+  workdir = tmp_path_factory.mktemp("gmm_job")
+  return workdir, modes.run(_gmm_config(), workdir)
+
+
+def test_shipped_gmm_teacher_main_job(gmm_job):
   """The GMM path: scatter pictures, sliced Wasserstein and the exact mixture log-likelihood."""
-  results = experiment.run_mteo(_job_config("gmm", "pretrained:gmm", grid_size=64, steps=30), tmp_path)
-  tuned = next(r for r in results["rows"] if r["method"] == "mteo" and r["solver"] == "euler")
+  workdir, results = gmm_job
+  assert json.loads((workdir / "results.json").read_text())["rows"] == json.loads(json.dumps(results["rows"]))
+  rows = _rows(results)
+  assert list(rows) == [("teacher", "heun", 9), ("base", "euler", 3), ("mteo", "euler", 3)]
+  base, tuned = rows[("base", "euler", 3)], rows[("mteo", "euler", 3)]
   assert {"sliced_wasserstein", "log_likelihood"} <= set(tuned) and "fd" not in tuned
-  assert (tmp_path / "samples_euler_MTEO.png").exists() and (tmp_path / "samples_reference.png").exists()
+  assert REQUIRED <= set(tuned) and base["n_eval"] == tuned["n_eval"] == 64
+  assert tuned["loss_curve"]["step"] == [10, 20] and tuned["held_out_curve"]["step"] == [10, 20]
+  assert tuned["train_seconds"] > 0 and base["train_seconds"] == 0
+  assert "picture_errors" not in results
+  for name in ("samples_reference.png", "samples_euler.png", "samples_euler_MTEO.png", "rmse_bars.png"):
+    assert _is_image(workdir / name), name
+  # Where the loop keeps the run, and where the table goes.
+  assert (workdir / "mteo" / "euler_nfe3" / "metrics.jsonl").exists()
+  assert (workdir / "tables" / "euler_nfe3" / "metadata.json").exists()
+  assert json.loads((workdir / modes.EXPERIMENT_FILE).read_text()) == experiment.experiment_identity(
+      modes.parse(_gmm_config())[1])
 
 
-def test_sampling_time_benchmark_runs(tmp_path):
-  """A smoke run of benchmarks/mteo_sampling_time.py (the ratio itself is a measurement, not asserted here)."""
-  import importlib.util  # noqa: PLC0415
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                      "mteo_sampling_time.py")
-  spec = importlib.util.spec_from_file_location("mteo_sampling_time", path)
+def test_a_harmless_change_resumes_without_retraining(gmm_job, tmp_path):
+  """Rerun with the progress bars off and one more NFE: the finished cell is reused as it is, the new one is added; a
+  change to what is learned is refused before any work."""
+  workdir, first = gmm_job
+  workdir = shutil.copytree(workdir, tmp_path / "job")
+  run_dir = workdir / "mteo" / "euler_nfe3"
+  with checkpoints.Checkpointer(run_dir / "checkpoints") as ckpt:
+    saved_steps = ckpt.all_steps()
+  metrics = (run_dir / "metrics.jsonl").read_text()
+  again = modes.run(_gmm_config(progress=False, nfes=(3, 4)), workdir)
+  before, after = _rows(first)[("mteo", "euler", 3)], _rows(again)[("mteo", "euler", 3)]
+  assert after["loss_curve"] == before["loss_curve"] and after["held_out_curve"] == before["held_out_curve"]
+  assert after["rmse"] == pytest.approx(before["rmse"], rel=1e-6)   # the same table on the same held-out noise
+  with checkpoints.Checkpointer(run_dir / "checkpoints") as ckpt:
+    assert ckpt.all_steps() == saved_steps == [10, 20]
+  assert (run_dir / "metrics.jsonl").read_text() == metrics   # not a step was run
+  assert {("base", "euler", 4), ("mteo", "euler", 4)} <= set(_rows(again))
+  assert (workdir / "mteo" / "euler_nfe4" / "checkpoints").is_dir() and (workdir / "tables" / "euler_nfe4").is_dir()
+  with pytest.raises(modes.ConfigError, match=r"holds another experiment \(mteo.lr: 0.02 -> 0.03\)"):
+    modes.run(_gmm_config(lr=3e-2), workdir)
+  assert (run_dir / "metrics.jsonl").read_text() == metrics
+  # The training time of the reused cell is the one of its run (kept in its checkpoint), not a new measurement.
+  assert after["train_seconds"] == before["train_seconds"] > 0
+
+
+def test_one_teacher_identity(gmm_job):
+  """A shipped teacher, its parts loaded by hand, and the same network in memory have one identity, which keys the
+  job's references and tables; a table loads for its own teacher object and is refused for any other."""
+  workdir, results = gmm_job
+  teacher = Teacher.load("pretrained:gmm")
+  backbone, params, precond, metadata = train.load_teacher(teachers.resolve_teacher("pretrained:gmm"))
+  assert teacher.identity == teachers.teacher_identity(backbone, params, precond) == results["teacher"]["identity"]
+  in_memory = Teacher.from_model(backbone, params, precond)
+  assert in_memory.identity == teacher.identity and teacher.metadata == metadata and in_memory.metadata == {}
+  keys = [json.loads(p.read_text())["key"] for p in (workdir / "references").glob("*.json")]
+  assert len(keys) == 2 and all(key["teacher"] == teacher.identity for key in keys)   # training and held-out noise
+  path = workdir / "tables" / "euler_nfe3"
+  sigmas = get_schedule("edm", 3, precond.sigma_min, precond.sigma_max, rho=7.0)
+  for owner in (teacher, in_memory):
+    table, meta = mteo.load_table(path, owner, solver_name="euler", nfe=3, sigmas=sigmas)
+    assert meta["teacher"] == teacher.identity and mteo.table_nfe(table) == 3
+  others = [Teacher.from_model(backbone, params, dataclasses.replace(precond, sigma_data=1.0)),       # other precond
+            Teacher.from_model(backbone, jax.tree.map(lambda p: p * 1.001, params), precond)]        # other weights
+  for other in others:
+    assert other.identity != teacher.identity
+    with pytest.raises(ValueError, match=f"teacher: table has '{teacher.identity}', expected '{other.identity}'"):
+      mteo.load_table(path, other, solver_name="euler", nfe=3)
+  with pytest.raises(TypeError, match="teacher must be a teachers.Teacher"):
+    mteo.load_table(path, teacher.identity, solver_name="euler", nfe=3)
+  with pytest.raises(FileNotFoundError, match="no shipped teacher 'nope'"):
+    teachers.resolve_teacher("pretrained:nope")
+  assert teachers.resolve_teacher("pretrained:digits").is_dir()
+
+
+def test_sampling_time_benchmark_runs(gmm_job, tmp_path):
+  """A smoke run of benchmarks/mteo_sampling_time.py on the shipped GMM teacher, with a table initialised from the
+  teacher and with the job's trained table (the ratio itself is a measurement, not asserted here)."""
+  spec = importlib.util.spec_from_file_location("mteo_sampling_time", os.path.join(REPO, "benchmarks",
+                                                                                   "mteo_sampling_time.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  payload = module.main(["--quick", "--out-dir", os.fspath(tmp_path)])
-  on_disk = json.loads((tmp_path / "mteo_sampling_time.json").read_text())
+  payload = module.main(["--quick", "--teacher", "pretrained:gmm", "--out-dir", os.fspath(tmp_path / "init")])
+  on_disk = json.loads((tmp_path / "init" / "mteo_sampling_time.json").read_text())
   assert set(on_disk["results"]) == {"euler", "dpmpp_2m"} == set(payload["results"])
   assert all(r["ratio"] > 0 for r in on_disk["results"].values())
-  assert (tmp_path / "mteo_sampling_time.png").exists()
+  assert (tmp_path / "init" / "mteo_sampling_time.png").exists()
+  table = os.fspath(gmm_job[0] / "tables" / "euler_nfe3")
+  trained = module.main(["--quick", "--teacher", "pretrained:gmm", "--table", table, "--solvers", "euler",
+                         "--out-dir", os.fspath(tmp_path / "trained")])
+  assert set(trained["results"]) == {"euler"} and trained["setup"]["table"] == table
+  assert trained["setup"]["teacher_identity"] == gmm_job[1]["teacher"]["identity"]
+  with pytest.raises(ValueError, match="solver: table has 'euler', expected 'dpmpp_2m'"):
+    module.main(["--quick", "--teacher", "pretrained:gmm", "--table", table, "--solvers", "dpmpp_2m",
+                 "--out-dir", os.fspath(tmp_path / "wrong")])
 
 
 # --- pictures for every data shape, and a picture that fails loses nothing ------------------------------------------
@@ -106,11 +201,11 @@ MIXTURE_16D = "{'mixture': 'random', 'num_components': 12, 'dim': 16, 'num_sampl
 
 
 def _tiny_mteo(**overrides) -> str:
-  """A whole ``--config.mteo`` dict of tiny settings (configs/gmm.py:mteo sets only a few keys, and a flag can only
-  override keys the variant has); the teacher is then set by ``--config.mteo.teacher``, as in the issue."""
+  """A whole ``--config.mteo`` dict of tiny settings; the teacher is then set by ``--config.mteo.teacher``, as in the
+  issue."""
   job = {"teacher": "pretrained:gmm", "solvers": ("euler", "dpmpp_2m"), "nfes": (3,), "steps": 20, "batch_size": 32,
          "num_train": 64, "num_eval": 64, "eval_batch_size": 32, "eval_every": 10, "checkpoint_every": 20,
-         "teacher_steps": 4, "grid_size": 64, "learning_rate": 2e-2, "progress": False,
+         "teacher_steps": 4, "grid_size": 64, "lr": 2e-2, "progress": False,
          "reference": {"solver": "tsit5", "rtol": 1e-3, "atol": 1e-3, "batch_size": 64}, **overrides}
   return f"--config.mteo={job!r}"
 
@@ -130,31 +225,11 @@ def gmm16_teacher(tmp_path_factory):
   return workdir
 
 
-def test_main_job_on_a_16d_mixture_through_the_cli(gmm16_teacher, tmp_path):
-  """The issue's scenario at tiny size: results, and a PCA picture per row instead of a plotting error."""
-  # Teacher training drew its 16-D samples too (a projection, not skipped).
-  assert _is_image(gmm16_teacher / "samples" / "step_0000040.png")
-  run_cli("--config=configs/gmm.py:mteo", f"--workdir={tmp_path}", _tiny_mteo(),
-          f"--config.mteo.teacher={gmm16_teacher / 'teacher'}")
-  results = json.loads((tmp_path / "results.json").read_text())
-  assert results["teacher"]["dataset"] == "gmm" and "picture_errors" not in results
-  rows = {(r["method"], r["solver"], r["nfe"]): r for r in results["rows"]}
-  assert {("teacher", "heun", 7), ("base", "euler", 3), ("mteo", "euler", 3), ("base", "dpmpp_2m", 3),
-          ("mteo", "dpmpp_2m", 3)} <= set(rows)
-  for solver in ("euler", "dpmpp_2m"):
-    base, tuned = rows[("base", solver, 3)], rows[("mteo", solver, 3)]
-    assert REQUIRED <= set(tuned) and base["n_eval"] == tuned["n_eval"] == 64
-    assert np.isfinite(tuned["log_likelihood"]) and np.isfinite(tuned["sliced_wasserstein"])
-    assert tuned["rmse"] < base["rmse"], (solver, base["rmse"], tuned["rmse"])
-    assert (tmp_path / "tables" / f"{solver}_nfe3").is_dir()
-  for name in ("reference", "euler", "euler_MTEO", "dpmpp_2m", "dpmpp_2m_MTEO"):
-    assert _is_image(tmp_path / f"samples_{name}.png"), name
-  assert _is_image(tmp_path / "rmse_bars.png")
-
-
-# The CLI with one picture broken: viz.save_samples_picture monkeypatched in the job's own process (a subprocess, as
-# run_cli, for XLA's cheap compile flags).
+# The CLI as ``python -m mteo_jax.main`` runs it (the overrides checked, then the job), with one picture broken:
+# viz.save_samples_picture monkeypatched in the job's own process (a subprocess, as run_cli, for XLA's cheap compile
+# flags).
 _BROKEN_PICTURE_MAIN = """
+import sys
 from absl import app
 from mteo_jax import main, viz
 drawn = viz.save_samples_picture
@@ -163,71 +238,101 @@ def fail_one(samples, path, **kwargs):
     raise RuntimeError("the plotting library broke")
   return drawn(samples, path, **kwargs)
 viz.save_samples_picture = fail_one
+assert main.check_overrides(sys.argv[1:]) is None
 app.run(main.main)
 """
 
 
-def test_a_picture_that_fails_loses_nothing(gmm16_teacher, tmp_path):
+def test_main_job_on_a_16d_mixture_through_the_cli(gmm16_teacher, tmp_path):
+  """The issue's scenario at tiny size: results, and a PCA picture per row instead of a plotting error. One picture
+  is broken on purpose, and it loses nothing else: the job finishes, records the error and draws the others (one CLI
+  job for both checks: they cost a job each)."""
+  # Teacher training drew its 16-D samples too (a projection, not skipped).
+  assert _is_image(gmm16_teacher / "samples" / "step_0000040.png")
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
   proc = subprocess.run([sys.executable, "-c", _BROKEN_PICTURE_MAIN, "--config=configs/gmm.py:mteo",
-                         f"--workdir={tmp_path}", _tiny_mteo(solvers=("euler",), steps=10),
-                         f"--config.mteo.teacher={gmm16_teacher / 'teacher'}"],
+                         f"--workdir={tmp_path}", _tiny_mteo(), f"--config.mteo.teacher={gmm16_teacher / 'teacher'}"],
                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]   # the job finishes
   assert "picture samples_euler_MTEO.png not drawn: RuntimeError: the plotting library broke" in proc.stderr
   results = json.loads((tmp_path / "results.json").read_text())
+  assert results["teacher"]["dataset"] == "gmm"
   assert results["picture_errors"] == {"samples_euler_MTEO.png": "RuntimeError: the plotting library broke"}
-  assert [(r["method"], r["solver"]) for r in results["rows"]] == [("teacher", "heun"), ("base", "euler"),
-                                                                  ("mteo", "euler")]
-  assert all(np.isfinite(r["rmse"]) for r in results["rows"])
-  assert (tmp_path / "tables" / "euler_nfe3").is_dir()
+  rows = {(r["method"], r["solver"], r["nfe"]): r for r in results["rows"]}
+  assert list(rows) == [("teacher", "heun", 7), ("base", "euler", 3), ("mteo", "euler", 3), ("base", "dpmpp_2m", 3),
+                        ("mteo", "dpmpp_2m", 3)]
+  for solver in ("euler", "dpmpp_2m"):
+    base, tuned = rows[("base", solver, 3)], rows[("mteo", solver, 3)]
+    assert REQUIRED <= set(tuned) and base["n_eval"] == tuned["n_eval"] == 64
+    assert np.isfinite(tuned["log_likelihood"]) and np.isfinite(tuned["sliced_wasserstein"])
+    assert tuned["rmse"] < base["rmse"], (solver, base["rmse"], tuned["rmse"])
+    assert (tmp_path / "tables" / f"{solver}_nfe3").is_dir()
   assert not (tmp_path / "samples_euler_MTEO.png").exists()
-  for name in ("samples_reference.png", "samples_euler.png", "rmse_bars.png"):
-    assert _is_image(tmp_path / name), name
+  for name in ("reference", "euler", "dpmpp_2m", "dpmpp_2m_MTEO"):
+    assert _is_image(tmp_path / f"samples_{name}.png"), name
+  assert _is_image(tmp_path / "rmse_bars.png")
 
 
 @pytest.mark.parametrize("shape", [(1,), (2,), (3,), (16,), (4, 5), (8, 8, 1), (8, 8, 3), (8, 8, 2), (8, 8, 4)])
-def test_main_job_pictures_for_every_data_shape(tmp_path, shape):
+def test_main_job_pictures_for_every_data_shape(tmp_path, monkeypatch, shape):
   rng = np.random.default_rng(0)
   grid_rows = {name: rng.uniform(-1, 1, size=(12,) + shape).astype(np.float32)
                for name in ("reference", "euler", "euler + MTEO")}
   rows = [{"method": "base", "solver": "euler", "nfe": 3, "rmse": 0.3},
           {"method": "mteo", "solver": "euler", "nfe": 3, "rmse": 0.1}]
-  job = experiment.MTEOJobConfig(teacher="unused")
-  assert experiment._pictures(tmp_path, grid_rows, rows, job) == {}
+  assert harness.draw_pictures(tmp_path, grid_rows, rows, 3) == {}
   names = ["samples.png"] if len(shape) == 3 else ["samples_reference.png", "samples_euler.png",
                                                     "samples_euler_MTEO.png"]
   for name in names + ["rmse_bars.png"]:
     assert _is_image(tmp_path / name), name
-  # Every picture is drawn on its own: with the bars broken (no rows), the samples are still there.
+    (tmp_path / name).unlink()
+  # No row at the picture's NFE: no bars, and that is no error.
+  assert harness.draw_pictures(tmp_path, grid_rows, rows, 4) == {}
+  assert not (tmp_path / "rmse_bars.png").exists() and all(_is_image(tmp_path / name) for name in names)
+  # Every picture is drawn on its own: with the bars broken, the samples are still there.
   for name in names:
     (tmp_path / name).unlink()
-  errors = experiment._pictures(tmp_path, grid_rows, [], job)
-  assert list(errors) == ["rmse_bars.png"] and "ValueError" in errors["rmse_bars.png"]
-  assert all(_is_image(tmp_path / name) for name in names)
+
+  def broken(*args, **kwargs):
+    raise ValueError("the bar plot broke")
+
+  monkeypatch.setattr(viz, "save_grouped_bar_plot", broken)
+  errors = harness.draw_pictures(tmp_path, grid_rows, rows, 3)
+  assert errors == {"rmse_bars.png": "ValueError: the bar plot broke"}
+  assert all(_is_image(tmp_path / name) for name in names) and not (tmp_path / "rmse_bars.png").exists()
 
 
-@pytest.mark.parametrize("overrides, error, match", [
-    ({"solvers": ("heun",), "nfes": (4,)}, ValueError, r"'heun' cannot make exactly 4 network evaluations; nearest "
-                                                       r"reachable NFE: 3 \(N=2\) or 5 \(N=3\)"),
-    ({"lr_schedule": "cosin"}, ValueError, r"unknown mteo.lr_schedule 'cosin'; expected one of \['constant', 'cosine'\]"),
-    ({"solvers": ("dpm_2m",)}, KeyError, r"unknown solver 'dpm_2m'; expected one of"),
-    ({"distance": "l3"}, KeyError, r"unknown MTEO loss 'l3'"),
-    ({"granularity": "block"}, ValueError, r"unknown mteo.granularity 'block'"),
-    ({"schedule": "karras"}, KeyError, r"unknown schedule 'karras'"),
-    ({"grid_size": 0}, ValueError, r"mteo.grid_size must be >= 1"),
-    ({"learning_rate": 0.0}, ValueError, r"mteo.learning_rate must be > 0"),
-    ({"reference": {"solver": "rk4"}}, KeyError, r"unknown reference solver 'rk4'"),
+@pytest.mark.parametrize("overrides, match", [
+    ({"solvers": ("heun",), "nfes": (4,)}, (r"'heun' cannot make exactly 4 network evaluations; nearest reachable "
+                                            r"NFE: 3 \(N=2\) or 5 \(N=3\)")),
+    ({"lr_decay": "cosin"}, r"unknown mteo.lr_decay 'cosin'; expected one of \['constant', 'cosine', 'linear'\]"),
+    ({"solvers": ("dpm_2m",)}, r"unknown solver 'dpm_2m'; expected one of"),
+    ({"distance": "l3"}, r"unknown MTEO loss 'l3'"),
+    ({"granularity": "block"}, r"unknown mteo.granularity 'block'"),
+    ({"schedule": "karras"}, r"unknown schedule 'karras'"),
+    ({"grid_size": 0}, r"mteo.grid_size must be >= 1"),
+    ({"lr": 0.0}, r"mteo.lr must be a positive finite number, got 0.0"),
+    ({"lr_end_factor": 2.0}, r"mteo.lr_end_factor must be in \[0, 1\]"),
+    ({"batch_size": 64, "num_train": 32}, r"mteo.batch_size=64 exceeds mteo.num_train=32"),
+    ({"teacher": ""}, r"mteo.teacher is required"),
+    ({"teacher": "/nowhere/teacher"}, r"teacher '/nowhere/teacher' does not exist"),
+    ({"teacher": "pretrained:nope"}, r"no shipped teacher 'nope'; shipped teachers: \[.*'digits'.*'gmm'"),
+    ({"learning_rate": 1e-2}, r"unknown key\(s\) \['config.mteo.learning_rate'\]; valid keys of config.mteo: .*'lr'"),
+    ({"nfes": ()}, r"mteo.solvers and mteo.nfes must be non-empty"),
+    ({"reference": {"solver": "rk4"}}, r"unknown reference solver 'rk4'"),
 ])
-def test_bad_settings_fail_before_any_work(tmp_path, overrides, error, match):
-  """Every setting is checked when the job's config is read: nothing is solved, trained or written first."""
-  config = load_config_file("digits").get_config("mteo")
+def test_bad_settings_fail_before_any_work(tmp_path, overrides, match):
+  """Every setting is checked when the job's config is read (``modes.parse``): nothing is solved, trained or written,
+  not even the workdir's claim."""
+  config = _gmm_config()
   reference = overrides.pop("reference", None)
   config.mteo.update(overrides)
   if reference is not None:
-    config.mteo.reference = ml_collections.ConfigDict(reference)
+    config.mteo.reference.update(reference)
   start = time.perf_counter()
-  with pytest.raises(error, match=match):
-    experiment.run_mteo(config, tmp_path)
+  with pytest.raises(modes.ConfigError, match=match):
+    modes.parse(config)
+  with pytest.raises(modes.ConfigError, match=match):
+    modes.run(config, tmp_path / "workdir")
   assert time.perf_counter() - start < 5.0
-  assert not (tmp_path / "references").exists() and not (tmp_path / "results.json").exists()
+  assert not (tmp_path / "workdir").exists()

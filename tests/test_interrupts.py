@@ -1,6 +1,6 @@
-"""Interrupting ``fitting.fit`` keeps every checkpoint whose save had started, and a save that could not finish (the
+"""Interrupting ``loop.fit`` keeps every checkpoint whose save had started, and a save that could not finish (the
 process killed mid-write) is reported when the directory is opened next; the rerun resumes from the latest complete
-step and ends exactly where an uninterrupted run does. (``train.train``: tests/test_train.py.)"""
+step and ends exactly where an uninterrupted run does. (``train.train`` on top of it: tests/test_train.py.)"""
 
 import asyncio
 import os
@@ -18,28 +18,42 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mteo_jax import checkpoints, fitting
+from mteo_jax import checkpoints, loop
 
 STEPS, EVERY, SLOW = 6, 2, 0.6
+CONFIG = loop.LoopConfig(steps=STEPS, batch_size=16, lr=3e-2, checkpoint_every=EVERY, log_every=1, keep=2,
+                         progress=False)
 _RS = np.random.RandomState(0)
 DATA = {"x": _RS.randn(64, 4).astype(np.float32), "y": _RS.randn(64).astype(np.float32)}
 INIT = {"w": jnp.zeros(4), "b": jnp.zeros(())}
 
 
-def loss_fn(trainable, params, batch):
+def objective(trainable, frozen, batch):
   return jnp.mean((batch["x"] @ trainable["w"] + trainable["b"] - batch["y"]) ** 2)
 
 
-def run_fit(checkpoint_dir=None, eval_fn=None):
-  return fitting.fit(loss_fn, INIT, {}, DATA, fitting.make_optimizer(3e-2, STEPS), steps=STEPS, batch_size=16, seed=0,
-                     eval_fn=eval_fn, eval_every=EVERY if eval_fn else 0, progress=False,
-                     checkpoint_dir=None if checkpoint_dir is None else str(checkpoint_dir),
-                     checkpoint_every=EVERY if checkpoint_dir else 0, metadata={"run": "test"})
+class Task(loop.ArrayTask):
+  """The linear regression above; reading the batch of ``fail_at`` (0-based: the batch of step ``fail_at + 1``)
+  raises ``KeyboardInterrupt``, as a Ctrl-C between two steps would."""
+
+  fail_at = None
+
+  def batch(self, step):
+    if step == self.fail_at:
+      raise KeyboardInterrupt
+    return super().batch(step)
+
+
+def run_fit(run_dir, eval_fn=None, hooks=(), fail_at=None):
+  task = Task(INIT, objective, DATA, batch_size=16, seed=0)
+  task.fail_at = fail_at
+  return loop.fit(task, CONFIG, run_dir, seed=0, identity={"run": "test"}, eval_fn=eval_fn,
+                  eval_every=3 if eval_fn else 0, hooks=hooks, desc="interrupts")
 
 
 @pytest.fixture(scope="module")
-def uninterrupted():
-  return jax.tree.map(np.asarray, run_fit()[0])
+def uninterrupted(tmp_path_factory):
+  return jax.tree.map(np.asarray, run_fit(tmp_path_factory.mktemp("uninterrupted")).state.params)
 
 
 @pytest.fixture
@@ -66,43 +80,44 @@ def contents(directory: Path) -> list[str]:
   return sorted(p.name for p in directory.iterdir())
 
 
-def assert_resumes_at(directory, step, uninterrupted):
-  """The rerun starts after ``step`` (its first logged step is step + 1) and ends with the uninterrupted result."""
-  trained, history = run_fit(directory)
-  assert history["step"][0] == step + 1, history["step"]
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trained), uninterrupted)
+def stop_at(step, error):
+  """A step hook that raises ``error`` after ``step`` (the hook runs before that step's own checkpoint)."""
+  def hook(s, state, metrics):
+    if s == step:
+      raise error
+  return hook
 
 
-def interrupt_from_eval(error):
-  def eval_fn(trainable):  # called right after the save of step 2 was started
-    raise error
-  return {"eval_fn": eval_fn}
+def assert_resumes_at(run_dir, step, uninterrupted):
+  """The rerun starts after ``step`` (the first step it runs is step + 1), ends with the uninterrupted result, and its
+  history holds each step once (the records of the killed run past its checkpoint are dropped)."""
+  ran = []
+  result = run_fit(run_dir, hooks=[lambda s, state, metrics: ran.append(s)])
+  assert ran == list(range(step + 1, STEPS + 1)), ran
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, result.state.params), uninterrupted)
+  steps, losses = result.losses
+  assert steps == list(range(1, STEPS + 1)) and np.all(np.isfinite(losses))
+  assert [r["step"] for r in loop.read_metrics(run_dir) if "loss" in r] == steps
 
 
 @pytest.mark.parametrize("error", [KeyboardInterrupt(), SystemExit(3), RuntimeError("eval failed")],
                          ids=["KeyboardInterrupt", "SystemExit", "RuntimeError"])
 def test_fit_interrupted_after_a_checkpoint_keeps_it(tmp_path, slow_finalize, uninterrupted, error):
+  def eval_fn(step, state):  # step 3: right after the save of step 2 was started
+    raise error
+
   with pytest.raises(type(error)):
-    run_fit(tmp_path, **interrupt_from_eval(error))
+    run_fit(tmp_path, eval_fn=eval_fn)
   # The save of step 2 lands SLOW seconds after it started, long after the interrupt: fit waited for it.
-  assert slow_finalize.landed == [2] and contents(tmp_path) == ["2"]
+  assert slow_finalize.landed == [2] and contents(tmp_path / "checkpoints") == ["2"]
   slow_finalize.delay = 0
   assert_resumes_at(tmp_path, 2, uninterrupted)
 
 
-def test_fit_interrupted_between_steps_keeps_the_last_checkpoint(tmp_path, monkeypatch, slow_finalize, uninterrupted):
-  batch = fitting.trajectory_batch
-
-  def interrupted_batch(train_data, batch_size, seed, step):
-    if step == 4:  # Ctrl-C while reading the batch of step 5, with the save of step 4 still pending
-      raise KeyboardInterrupt
-    return batch(train_data, batch_size, seed, step)
-
-  monkeypatch.setattr(fitting, "trajectory_batch", interrupted_batch)
+def test_fit_interrupted_between_steps_keeps_the_last_checkpoint(tmp_path, slow_finalize, uninterrupted):
   with pytest.raises(KeyboardInterrupt):
-    run_fit(tmp_path)
-  monkeypatch.setattr(fitting, "trajectory_batch", batch)
-  assert slow_finalize.landed == [2, 4] and contents(tmp_path) == ["2", "4"]
+    run_fit(tmp_path, fail_at=4)   # Ctrl-C while reading the batch of step 5, with the save of step 4 still pending
+  assert slow_finalize.landed == [2, 4] and contents(tmp_path / "checkpoints") == ["2", "4"]
   slow_finalize.delay = 0
   assert_resumes_at(tmp_path, 4, uninterrupted)
 
@@ -110,39 +125,35 @@ def test_fit_interrupted_between_steps_keeps_the_last_checkpoint(tmp_path, monke
 def test_fit_terminated_by_sigterm_keeps_the_pending_checkpoint(tmp_path, slow_finalize, uninterrupted):
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
-  def terminate(trainable):
+  def terminate(step, state, metrics):
+    if step != 3:   # right after the save of step 2 was started
+      return
     # fit turns SIGTERM into SystemExit while it checkpoints; never send it to this process without that handler.
     assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(5)  # the handler interrupts this
 
   with pytest.raises(SystemExit) as exit_info:
-    run_fit(tmp_path, eval_fn=terminate)
+    run_fit(tmp_path, hooks=[terminate])
   assert exit_info.value.code == 128 + signal.SIGTERM
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored
-  assert slow_finalize.landed == [2] and contents(tmp_path) == ["2"]
+  assert slow_finalize.landed == [2] and contents(tmp_path / "checkpoints") == ["2"]
   slow_finalize.delay = 0
   assert_resumes_at(tmp_path, 2, uninterrupted)
 
 
 def test_a_lost_save_is_reported_and_the_rerun_resumes_from_the_latest_complete_step(tmp_path, uninterrupted):
-  def stop_at_4(trainable):  # called after the saves of steps 2 and 4
-    calls.append(1)
-    if len(calls) == 2:
-      raise KeyboardInterrupt
-    return 0.0
-
-  calls = []
   with pytest.raises(KeyboardInterrupt):
-    run_fit(tmp_path, eval_fn=stop_at_4)
-  assert contents(tmp_path) == ["2", "4"]
-  os.rename(tmp_path / "4", tmp_path / "4.orbax-checkpoint-tmp")  # as if killed before orbax finalised step 4
+    run_fit(tmp_path, hooks=[stop_at(5, KeyboardInterrupt())])   # after the saves of steps 2 and 4
+  directory = tmp_path / "checkpoints"
+  assert contents(directory) == ["2", "4"]
+  os.rename(directory / "4", directory / "4.orbax-checkpoint-tmp")  # as if killed before orbax finalised step 4
   with pytest.warns(checkpoints.LostCheckpointWarning,
-                    match=rf"checkpoint step 4 in {re.escape(str(tmp_path))} was interrupted while being written and "
+                    match=rf"checkpoint step 4 in {re.escape(str(directory))} was interrupted while being written and "
                           r"is lost; the latest complete checkpoint is step 2, where a resumed run restarts \(removing "
                           r"the unfinished 4\.orbax-checkpoint-tmp\)"):
     assert_resumes_at(tmp_path, 2, uninterrupted)
-  assert contents(tmp_path) == ["4", "6"]  # max_to_keep=2, no leftovers
+  assert contents(directory) == ["4", "6"]  # keep=2, no leftovers
 
 
 KILLED_MID_SAVE = textwrap.dedent("""

@@ -2,18 +2,19 @@
 knows what it belongs to, and the options change behaviour."""
 
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mteo_jax import Preconditioning, fitting, get_backbone, mteo
-from mteo_jax.experiment import noise_seeds
-from mteo_jax.nets import make_denoiser
+from mteo_jax import Preconditioning, get_backbone, loop, mteo
+from mteo_jax.harness import noise_seeds
 from mteo_jax.reference import reference_noise, reference_trajectories
 from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import SOLVERS, get_solver
+from mteo_jax.teachers import Teacher
 
 PRECOND = Preconditioning("edm", sigma_data=0.5, sigma_min=0.002, sigma_max=80.0)
 
@@ -22,11 +23,15 @@ PRECOND = Preconditioning("edm", sigma_data=0.5, sigma_min=0.002, sigma_max=80.0
 def teacher():
   """A small random MLP teacher on 2-D data: any network defines a valid probability-flow ODE."""
   backbone = get_backbone("mlp", (2,), data_dim=2, width=32, depth=3, emb_dim=16, noise_channels=16)
-  params = backbone.init(jax.random.key(0))
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
-  return backbone, params
+
+  @jax.jit  # one program, not an eager dispatch (and compile) per operation
+  def init(init_key, noise_key):
+    params = backbone.init(init_key)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(noise_key, len(leaves))
+    return jax.tree.unflatten(treedef, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+  return backbone, init(jax.random.key(0), jax.random.key(1))
 
 
 def _sigmas(solver, nfe=3):
@@ -71,70 +76,74 @@ def test_table_structure_and_granularity(teacher):
     mteo.expand_table({"block00": layer["block00"]}, backbone.layer_names)
 
 
-_REFERENCES = {}   # (id of the teacher's params, solver name) -> (x_T, reference): one diffrax solve per solver
-
-
-def _training_reference(teacher, solver, sigmas):
+@pytest.fixture(scope="module")
+def references(teacher):
+  """The one diffrax solve of this module, shared by every test: the teacher's states at the NFE-3 EDM grid (the same
+  for euler and dpmpp_2m) from the training noise (128 samples of the train seed) and from held-out noise (64 of the
+  evaluation seed), in one call."""
   backbone, params = teacher
-  key = (id(params), solver.name)
-  if key not in _REFERENCES:
-    train_seed, _ = noise_seeds(0)
-    x_T = reference_noise(train_seed, 128, (2,), PRECOND.sigma_max)
-    _REFERENCES[key] = x_T, reference_trajectories(make_denoiser(backbone, params, PRECOND), x_T, sigmas,
-                                                    progress=False)
-  return _REFERENCES[key]
+  sigmas = _sigmas(get_solver("euler"))
+  np.testing.assert_array_equal(_sigmas(get_solver("dpmpp_2m")), sigmas)
+  train_seed, eval_seed = noise_seeds(0)
+  x_train = reference_noise(train_seed, 128, (2,), PRECOND.sigma_max)
+  x_eval = reference_noise(eval_seed, 64, (2,), PRECOND.sigma_max)
+  ref = reference_trajectories(Teacher.from_model(backbone, params, PRECOND).denoiser,
+                               jnp.concatenate([x_train, x_eval]), sigmas, progress=False)
+  return types.SimpleNamespace(sigmas=sigmas, train_seed=train_seed,
+                               train_data={"x_T": np.asarray(x_train), "ref": np.swapaxes(ref.states[:, :128], 0, 1)},
+                               x_eval=x_eval, eval_final=ref.final[128:])
 
 
-def _train(teacher, granularity="layer", distance="l2", intermediate_weight=0.1, steps=60, solver_name="euler",
-           checkpoint_dir=None, metadata=None, crash_at=None):
+def _train(teacher, references, run_dir, granularity="layer", distance="l2", intermediate_weight=0.1, steps=60,
+           lr=3e-2, hooks=(), identity=None):
+  """``loop.fit`` on ``mteo.table_task`` (euler, NFE 3): returns the initial table, the loop's result and the task."""
   backbone, params = teacher
-  solver = get_solver(solver_name)
-  sigmas = _sigmas(solver)
-  train_seed, _ = noise_seeds(0)
-  x_T, ref = _training_reference(teacher, solver, sigmas)
-  table = mteo.init_table(backbone, params, PRECOND, solver.eval_sigmas(sigmas), granularity)
-  loss_fn = mteo.make_loss_fn(solver, backbone, PRECOND, sigmas, mteo.LossConfig(distance, intermediate_weight))
-  data = {"x_T": np.asarray(x_T), "ref": np.swapaxes(ref.states, 0, 1)}
-
-  def crash(table):  # a run killed right after its checkpoint at step `crash_at`
-    raise KeyboardInterrupt
-
-  trained, history = fitting.fit(loss_fn, table, params, data, fitting.make_optimizer(3e-2, steps, 5), steps=steps,
-                                 batch_size=32, seed=train_seed, progress=False, checkpoint_dir=checkpoint_dir,
-                                 checkpoint_every=10 if checkpoint_dir else 0, metadata=metadata,
-                                 eval_fn=crash if crash_at else None, eval_every=crash_at or 0)
-  return table, trained, history, (loss_fn, data)
+  solver = get_solver("euler")
+  table = mteo.init_table(backbone, params, PRECOND, solver.eval_sigmas(references.sigmas), granularity)
+  task = mteo.table_task(solver, backbone, params, PRECOND, references.sigmas, table, references.train_data,
+                         mteo.LossConfig(distance, intermediate_weight), batch_size=32, seed=references.train_seed)
+  config = mteo.train_settings(steps=steps, lr=lr, warmup_steps=5, checkpoint_every=10, progress=False)
+  result = loop.fit(task, config, run_dir, seed=references.train_seed, identity=identity or {"run": "test"},
+                    hooks=hooks)
+  return table, result, task
 
 
-def test_training_lowers_the_loss_and_never_touches_the_backbone(teacher):
-  backbone, params = teacher
-  table, trained, history, (loss_fn, data) = _train(teacher)
+def test_training_lowers_the_loss_and_never_touches_the_backbone(teacher, references, tmp_path):
+  _, params = teacher
+  before = jax.tree.map(np.array, params)
+  table, result, task = _train(teacher, references, tmp_path)
+  trained = result.state.params
   # The backbone is an undifferentiated argument: the step neither donates it (its buffers stay alive) nor gives
   # the optimizer a state for it (Adam's moments and count cover exactly the table's leaves).
   assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
-  optimizer = fitting.make_optimizer(3e-2, 60, 5)
-  moments = [leaf for leaf in jax.tree.leaves(fitting.init_state(table, optimizer).opt_state) if leaf.ndim > 0]
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, params))
+  config = mteo.train_settings(steps=60, lr=3e-2, warmup_steps=5)
+  state = loop.make_init(task, config)(jax.random.key(0))
+  moments = [leaf for leaf in jax.tree.leaves(state.opt_state) if leaf.ndim > 0]
   assert sorted(m.shape for m in moments) == sorted(2 * [leaf.shape for leaf in jax.tree.leaves(table)])
-  step_state, _ = jax.jit(fitting.make_train_step(loss_fn, optimizer))(
-      fitting.init_state(table, optimizer), params, {k: jnp.asarray(v[:8]) for k, v in data.items()})
-  assert jax.tree.structure(step_state.trainable) == jax.tree.structure(table)
-  full = {k: jnp.asarray(v) for k, v in data.items()}
-  loss_before, loss_after = float(loss_fn(table, params, full)), float(loss_fn(trained, params, full))
+  assert state.ema_params is None   # MTEO keeps no EMA by default
+  step_state, metrics = jax.jit(loop.make_step(task, config))(state, params, task.batch(0))
+  assert jax.tree.structure(step_state.params) == jax.tree.structure(table) and bool(metrics["finite"])
+  full = {k: jnp.asarray(v) for k, v in references.train_data.items()}
+  loss = jax.jit(lambda t: task.loss(t, params, full, None))
+  loss_before, loss_after = float(loss(table)), float(loss(trained))
   assert loss_after < 0.7 * loss_before, (loss_before, loss_after)
-  assert history["loss"][-1] < history["loss"][0]
+  steps, losses = result.losses
+  assert steps == [10, 20, 30, 40, 50, 60] and losses[-1] < losses[0]
+  assert result.train_seconds > 0
   assert any(not np.allclose(trained[k], table[k]) for k in table)
 
 
-def test_options_change_the_learned_table(teacher):
-  _, layer, _, _ = _train(teacher, granularity="layer", steps=20)
-  _, shared, _, _ = _train(teacher, granularity="shared", steps=20)
+def test_options_change_the_learned_table(teacher, references, tmp_path):
+  def learned(name, **options):
+    return _train(teacher, references, tmp_path / name, steps=20, **options)[1].state.params
+
+  layer, shared = learned("layer", granularity="layer"), learned("shared", granularity="shared")
   assert list(shared) == ["shared"]
   # Layer tables learn different vectors per layer; the shared one by construction cannot.
   assert not np.allclose(layer["block00"], layer["block01"])
   assert not np.allclose(mteo.expand_table(shared, tuple(layer))["block00"], layer["block00"])
-  _, l1, _, _ = _train(teacher, distance="l1", steps=20)
-  _, final_only, _, _ = _train(teacher, intermediate_weight=0.0, steps=20)
-  for other in (l1, final_only):
+  for other in (learned("l1", distance="l1"), learned("final_only", intermediate_weight=0.0)):
     assert not np.allclose(other["block00"], layer["block00"])
 
 
@@ -163,63 +172,87 @@ def test_train_and_evaluation_noise_are_disjoint():
   assert not np.any(np.all(np.isclose(a[:, None], b[None]), axis=-1))
 
 
-def test_resume_continues_from_the_checkpoint(teacher, tmp_path):
-  meta = {"run": "test"}
-  _, uninterrupted, _, _ = _train(teacher, steps=40)
+def test_resume_continues_from_the_checkpoint(teacher, references, tmp_path):
+  _, uninterrupted, _ = _train(teacher, references, tmp_path / "uninterrupted", steps=40)
+
+  def crash(step, state, metrics):  # a run killed after its checkpoint at step 20
+    if step == 21:
+      raise KeyboardInterrupt
+
   with pytest.raises(KeyboardInterrupt):
-    _train(teacher, steps=40, checkpoint_dir=str(tmp_path / "ck"), metadata=meta, crash_at=20)
-  _, resumed, history, _ = _train(teacher, steps=40, checkpoint_dir=str(tmp_path / "ck"), metadata=meta)
-  assert history["step"][0] > 20  # the first 20 steps were not redone
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed, uninterrupted)
-  with pytest.raises(ValueError, match="checkpoint of another run"):
-    _train(teacher, steps=40, checkpoint_dir=str(tmp_path / "ck"), metadata={"run": "other"})
+    _train(teacher, references, tmp_path / "run", steps=40, hooks=[crash])
+  ran = []
+  _, resumed, _ = _train(teacher, references, tmp_path / "run", steps=40, hooks=[lambda s, *_: ran.append(s)])
+  assert ran == list(range(21, 41))  # the first 20 steps were not redone
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), resumed.state.params,
+               uninterrupted.state.params)
+  # The history of the whole run, the part before the crash included, each step once.
+  assert resumed.losses[0] == uninterrupted.losses[0] == [10, 20, 30, 40]
+  np.testing.assert_allclose(resumed.losses[1], uninterrupted.losses[1], rtol=1e-5)
+  with pytest.raises(loop.ResumeMismatchError, match=r"task.run: 'test' -> 'other'"):
+    _train(teacher, references, tmp_path / "run", steps=40, identity={"run": "other"})
+  with pytest.raises(loop.ResumeMismatchError, match=r"loop.lr: 0.03 -> 0.05"):
+    _train(teacher, references, tmp_path / "run", steps=40, lr=5e-2)
 
 
 def test_artefact_round_trip_and_mismatch_errors(teacher, tmp_path):
   backbone, params = teacher
+  owner = Teacher.from_model(backbone, params, PRECOND)
+  other = Teacher.from_model(backbone, jax.tree.map(lambda p: p * 1.01, params), PRECOND)   # another network
   solver = get_solver("dpmpp_2m")
   sigmas = _sigmas(solver)
   table = mteo.init_table(backbone, params, PRECOND, solver.eval_sigmas(sigmas))
-  meta = mteo.table_metadata("teacher-hash", "dpmpp_2m", {}, "edm", sigmas, table, backbone.layer_names)
+  meta = mteo.table_metadata(owner.identity, "dpmpp_2m", {}, "edm", sigmas, table, backbone.layer_names)
   path = str(tmp_path / "table")
   mteo.save_table(path, table, meta)
-  loaded, stored = mteo.load_table(path, teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3, sigmas=sigmas)
+  loaded, stored = mteo.load_table(path, owner, solver_name="dpmpp_2m", nfe=3, sigmas=sigmas)
   jax.tree.map(np.testing.assert_array_equal, loaded, table)
-  assert stored["granularity"] == "layer"
-  with pytest.raises(ValueError, match="teacher: table has 'teacher-hash', expected 'other'"):
-    mteo.load_table(path, teacher_hash="other", solver_name="dpmpp_2m", nfe=3)
+  assert stored["granularity"] == "layer" and stored["teacher"] == owner.identity
+  with pytest.raises(ValueError, match=f"teacher: table has '{owner.identity}', expected '{other.identity}'"):
+    mteo.load_table(path, other, solver_name="dpmpp_2m", nfe=3)
+  with pytest.raises(TypeError, match="teacher must be a teachers.Teacher"):
+    mteo.load_table(path, owner.identity, solver_name="dpmpp_2m", nfe=3)   # a hash is not a teacher
   with pytest.raises(ValueError, match="solver: table has 'dpmpp_2m', expected 'euler'"):
-    mteo.load_table(path, teacher_hash="teacher-hash", solver_name="euler", nfe=3)
+    mteo.load_table(path, owner, solver_name="euler", nfe=3)
   with pytest.raises(ValueError, match="nfe: table has 3, expected 4"):
-    mteo.load_table(path, teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=4)
+    mteo.load_table(path, owner, solver_name="dpmpp_2m", nfe=4)
+  with pytest.raises(ValueError, match="sigmas: table has"):
+    mteo.load_table(path, owner, solver_name="dpmpp_2m", nfe=3, sigmas=np.asarray(sigmas) * 1.01)
   assert sorted(os.listdir(path)) == ["metadata.json", "table"]  # an orbax checkpoint and its JSON
   with pytest.raises(FileExistsError, match="already exists"):
     mteo.save_table(path, table, meta)  # never silently overwritten
   mteo.save_table(path, jax.tree.map(lambda t: t + 1, table), meta, overwrite=True)
-  reloaded, _ = mteo.load_table(path, teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3)
+  reloaded, _ = mteo.load_table(path, owner, solver_name="dpmpp_2m", nfe=3)
   np.testing.assert_allclose(reloaded["block00"], table["block00"] + 1)
   (tmp_path / "other").mkdir()
   with pytest.raises(ValueError, match="not an MTEO table"):
     mteo.save_table(str(tmp_path / "other"), table, meta, overwrite=True)  # refuses to delete a foreign directory
   assert (tmp_path / "other").exists()
   with pytest.raises(FileNotFoundError, match="no MTEO table"):
-    mteo.load_table(str(tmp_path / "missing"), teacher_hash="teacher-hash", solver_name="dpmpp_2m", nfe=3)
+    mteo.load_table(str(tmp_path / "missing"), owner, solver_name="dpmpp_2m", nfe=3)
 
 
-def test_fit_table_on_a_model_in_memory(teacher):
-  """The one-call entry point: references, table and training from (backbone, params, preconditioning); scored on
-  held-out noise from another seed."""
+def test_fit_table_on_a_model_in_memory(teacher, references, tmp_path):
+  """The one-call entry point: references, table and training from (backbone, params, preconditioning) with the
+  library's loop in ``run_dir``; scored on held-out noise from another seed."""
   backbone, params = teacher
   solver = get_solver("dpmpp_2m")
-  sigmas = _sigmas(solver)
-  table, history = mteo.fit_table(backbone, params, PRECOND, solver, sigmas, num_train=128, noise_seed=0, steps=60,
-                                  learning_rate=3e-2, warmup_steps=5, rtol=1e-4, atol=1e-4, progress=False)
-  x_T = reference_noise(1, 64, (2,), PRECOND.sigma_max)
-  ref = reference_trajectories(make_denoiser(backbone, params, PRECOND), x_T, sigmas, rtol=1e-4, atol=1e-4,
-                               progress=False)
-  rmse = lambda t: float(jnp.sqrt(jnp.mean((mteo.student_sample(solver, backbone, params, PRECOND, t, x_T, sigmas)  # noqa: E731
-                                            - ref.final) ** 2)))
-  assert mteo.table_nfe(table) == 3 and history["loss"][-1] < history["loss"][0]
+  sigmas = references.sigmas
+  sample = jax.jit(lambda table, x: mteo.student_sample(solver, backbone, params, PRECOND, table, x, sigmas))
+  rmse = lambda t: float(jnp.sqrt(jnp.mean((sample(t, references.x_eval) - references.eval_final) ** 2)))  # noqa: E731
+  train = mteo.train_settings(steps=60, lr=3e-2, warmup_steps=5, progress=False)
+  table, result = mteo.fit_table(backbone, params, PRECOND, solver, sigmas, run_dir=tmp_path / "run", num_train=128,
+                                 noise_seed=0, train=train, rtol=1e-4, atol=1e-4, eval_fn=rmse, eval_every=30)
+  assert mteo.table_nfe(table) == 3 and result.losses[1][-1] < result.losses[1][0]
   assert rmse(table) < 0.8 * rmse(None), (rmse(table), rmse(None))
-  with pytest.raises(ValueError, match="unknown lr_schedule 'cosin'"):
-    mteo.fit_table(backbone, params, PRECOND, solver, sigmas, lr_schedule="cosin")
+  eval_steps, curve = result.evals("eval")
+  assert eval_steps == [30, 60] and curve[-1] == pytest.approx(rmse(table), rel=1e-5)
+  assert (tmp_path / "run" / "metrics.jsonl").exists() and (tmp_path / "run" / "checkpoints").is_dir()
+  # Bad settings fail before the reference solve.
+  with pytest.raises(ValueError, match="train.batch_size=32 exceeds num_train=16"):
+    mteo.fit_table(backbone, params, PRECOND, solver, sigmas, run_dir=tmp_path / "small", num_train=16, train=train)
+  with pytest.raises(ValueError, match="unknown granularity 'block'"):
+    mteo.fit_table(backbone, params, PRECOND, solver, sigmas, run_dir=tmp_path / "block", granularity="block")
+  with pytest.raises(ValueError, match="unknown train.lr_decay 'cosin'"):
+    mteo.train_settings(lr_decay="cosin")
+  assert not (tmp_path / "small").exists() and not (tmp_path / "block").exists()

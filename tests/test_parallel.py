@@ -1,4 +1,4 @@
-"""The data-parallel mesh helpers, and teacher training on 8 host devices against 1 device."""
+"""The data-parallel mesh helpers, and teacher training (through ``loop.fit``) on 8 host devices against 1 device."""
 
 import json
 import os
@@ -18,6 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_mesh_and_shardings():
+  """make_mesh puts the devices on one "data" axis (a subset on request, none refused); the shardings split on it or
+  replicate."""
   mesh = parallel.make_mesh()
   assert mesh.axis_names == ("data",)
   assert mesh.size == jax.device_count()
@@ -30,6 +32,7 @@ def test_mesh_and_shardings():
 
 
 def test_shard_batch_and_replicate_keep_values():
+  """shard_batch and replicate place arrays on the mesh without changing their values."""
   mesh = parallel.make_mesh()
   batch = {"x": np.arange(12, dtype=np.float32).reshape(4, 3), "label": np.arange(4, dtype=np.int32)}
   sharded = parallel.shard_batch(batch, mesh)
@@ -41,6 +44,7 @@ def test_shard_batch_and_replicate_keep_values():
 
 
 def test_shard_batch_rejects_bad_batches():
+  """Arrays of different leading sizes, scalars and empty batches are refused with a message saying why."""
   mesh = parallel.make_mesh()
   with pytest.raises(ValueError, match="same leading batch dimension"):
     parallel.shard_batch({"x": np.zeros((4, 2)), "label": np.zeros((3,))}, mesh)
@@ -83,12 +87,15 @@ _EIGHT_DEVICES = textwrap.dedent("""
       state = train.train(config, f"{sys.argv[1]}/{name}", mesh=mesh)
       out[name] = {"losses": [r["loss"] for r in train.read_metrics(f"{sys.argv[1]}/{name}")],
                    "devices": [r["num_devices"] for r in train.read_metrics(f"{sys.argv[1]}/{name}")],
-                   "params": [float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(state.params)]}
+                   "params": [float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(state.params)],
+                   "ema": [float(np.abs(np.asarray(p)).sum()) for p in jax.tree.leaves(state.ema_params)]}
     print("RESULT" + json.dumps(out))
 """)
 
 
 def test_eight_devices_match_one_device(tmp_path):
+  """On 8 host devices a batch is split row-wise (an indivisible one refused by shard_batch and by loop.fit via
+  train), and a teacher trained through loop.fit on 8 devices has the loss curve, parameters and EMA of 1 device."""
   # Eight host devices; XLA's cheap compile pipeline because compiling dominates the time of this test.
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
@@ -103,4 +110,6 @@ def test_eight_devices_match_one_device(tmp_path):
   # Same data, same noise (threefry is partitionable), only the order of the cross-device sums differs.
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=1e-4)
   np.testing.assert_allclose(eight["params"], one["params"], rtol=1e-4)
+  np.testing.assert_allclose(eight["ema"], one["ema"], rtol=1e-4)
+  assert eight["ema"] != eight["params"]  # the EMA is a separate average, not the parameters again
   assert len(set(np.round(one["losses"], 6))) > 1  # a real curve, not one value repeated

@@ -10,22 +10,20 @@ import numpy as np
 import pytest
 
 from mteo_jax import data, features, metrics
-from mteo_jax.experiment import resolve_teacher
-from mteo_jax.nets import make_denoiser
 from mteo_jax.reference import reference_noise
 from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
-from mteo_jax.train import load_teacher
+from mteo_jax.teachers import Teacher
 
 HEUN_STEPS = 50   # 99 NFE
 
 
 def _teacher_samples(name: str, num: int, seed: int = 7) -> tuple[np.ndarray, dict]:
-  backbone, params, precond, metadata = load_teacher(resolve_teacher(f"pretrained:{name}"))
-  denoiser = jax.jit(make_denoiser(backbone, params, precond))
+  teacher = Teacher.load(f"pretrained:{name}")
+  precond = teacher.precond
   sigmas = get_schedule("edm", HEUN_STEPS, precond.sigma_min, precond.sigma_max, rho=7.0)
-  x_T = reference_noise(seed, num, backbone.data_shape, precond.sigma_max)
-  return np.asarray(get_solver("heun").sample(denoiser, x_T, sigmas)), metadata
+  x_T = reference_noise(seed, num, teacher.data_shape, precond.sigma_max)
+  return np.asarray(get_solver("heun").sample(jax.jit(teacher.denoiser), x_T, sigmas)), teacher.metadata
 
 
 def _num_classes(net: features.ClassifierFeatureNetwork, images: np.ndarray) -> int:
@@ -33,7 +31,10 @@ def _num_classes(net: features.ClassifierFeatureNetwork, images: np.ndarray) -> 
   return len(np.unique(np.argmax(net.logits(images), axis=-1)))
 
 
-@pytest.mark.parametrize("name, dataset", [("digits", "digits"), ("digits_dit", "digits"), ("fmnist", "fashion_mnist")])
+@pytest.mark.parametrize("name, dataset", [
+    ("digits", "digits"), ("digits_dit", "digits"),
+    pytest.param("fmnist", "fashion_mnist", marks=pytest.mark.slow),   # ~50 s on 2 CPU cores: 28x28 UNet, 99 NFE
+])
 def test_shipped_image_teacher_samples_are_recognisable(name, dataset, fashion_mnist):
   num = 128
   # The real data first: without Fashion-MNIST's files this skips (fails under MTEO_REQUIRE_REAL_DATA) at no cost.

@@ -16,9 +16,9 @@ from mteo_jax.hashing import hash_json, hash_pytree
 from mteo_jax.nets import get_backbone, make_denoiser
 from mteo_jax.reference import (REFERENCE_FORMAT_VERSION, REFERENCE_SOLVERS, CacheError, NonFiniteDenoiserError,
                                 Reference, ReferenceCache, ReferenceSolveError, evals_per_step, reference_key,
-                                reference_noise, reference_trajectories, seeded_reference, teacher_identity,
-                                union_sigmas)
+                                reference_noise, reference_trajectories, seeded_reference, union_sigmas)
 from mteo_jax.schedules import get_schedule
+from mteo_jax.teachers import teacher_identity
 
 SIGMAS = np.array([80.0, 20.0, 3.0, 0.5, 0.05, 0.002])
 
@@ -355,10 +355,10 @@ def _noise(seed: int = 0, num: int = 4, dtype=np.float32) -> np.ndarray:
 
 
 def _mlp_key(params, **overrides):
-  backbone = _BACKBONE
-  args = dict(teacher_hash=teacher_identity(params, backbone), precond=Preconditioning(), noise_seed=0, num=4,
-              data_shape=(2,), save_sigmas=np.array([80.0, 1.0, 0.002], np.float32), solver="tsit5", rtol=1e-5,
-              atol=1e-5)
+  # the teacher's hash stays that of the default preconditioning: a precond override tests reference_key's own field
+  args = dict(teacher_hash=teacher_identity(_BACKBONE, params, Preconditioning()), precond=Preconditioning(),
+              noise_seed=0, num=4, data_shape=(2,), save_sigmas=np.array([80.0, 1.0, 0.002], np.float32),
+              solver="tsit5", rtol=1e-5, atol=1e-5)
   args.update(overrides)
   args.setdefault("x_T", _noise(args["noise_seed"], args["num"]))
   return reference_key(**args)
@@ -407,8 +407,12 @@ def test_cache_hits_and_misses(tmp_path):
     assert compute.calls == 2 + i, f"miss {i} was served from the cache"
   # a different backbone config with the same params is a different teacher
   wider = get_backbone("mlp", (2,), data_dim=2, width=16, depth=2, emb_dim=8, noise_channels=8, fourier_scale=1.0)
-  assert teacher_identity(params, wider) != teacher_identity(params, _BACKBONE)
-  assert teacher_identity(_params(1), _BACKBONE) != teacher_identity(params, _BACKBONE)
+  precond = Preconditioning()
+  assert teacher_identity(wider, params, precond) != teacher_identity(_BACKBONE, params, precond)
+  assert teacher_identity(_BACKBONE, _params(1), precond) != teacher_identity(_BACKBONE, params, precond)
+  # ... and so is the same network under another preconditioning (its denoiser differs)
+  assert teacher_identity(_BACKBONE, params, Preconditioning(sigma_data=1.0)) != \
+      teacher_identity(_BACKBONE, params, precond)
 
 
 def test_cache_files_are_readable_and_complete(tmp_path):
@@ -475,7 +479,7 @@ def test_compute_fn_must_return_a_reference(tmp_path):
 def test_seeded_reference_computes_once_then_loads(tmp_path):
   teacher = random_mixture(2, 3, 2)
   cache = ReferenceCache(tmp_path)
-  kwargs = dict(teacher_hash=teacher_identity({"mixture": (teacher.weights, teacher.means, teacher.stds)}),
+  kwargs = dict(teacher_hash=hash_json(teacher),
                 precond=None, noise_seed=11, num=3, data_shape=(2,), save_sigmas=np.array([80.0, 0.002], np.float32),
                 cache=cache, progress=False)
   x_T, computed = seeded_reference(teacher.denoise, **kwargs)

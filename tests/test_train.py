@@ -1,4 +1,5 @@
-"""Teacher training: typed config, optimiser and EMA maths, resumption, export/import of the teacher, pictures."""
+"""Teacher training through the one loop (``loop.fit``): typed config, the loop's optimiser and EMA on the teacher's
+settings, resumption and its identity, export/import of the teacher, pictures."""
 
 import asyncio
 import dataclasses
@@ -15,7 +16,7 @@ import optax
 import pytest
 from PIL import Image
 
-from mteo_jax import checkpoints, config_utils, data, train, viz
+from mteo_jax import checkpoints, config_utils, data, loop, modes, train, viz
 from mteo_jax.diffusion import Preconditioning
 from mteo_jax.nets import make_denoiser
 
@@ -65,36 +66,49 @@ def gmm_run(tmp_path_factory):
 # --- configuration ----------------------------------------------------------------------------------------------------
 
 def test_config_conversion_checks_keys_and_types():
+  """TeacherConfig.from_config types every section, and is strict: unknown keys, sections of other modes, wrong types,
+  bad values and a missing dataset name are errors naming the key; keys left out take their defaults."""
   config = configs_gmm.get_config("tiny")
   typed = train.TeacherConfig.from_config(config)
   assert isinstance(typed.precond, Preconditioning) and typed.precond.sigma_data == 0.5
+  assert isinstance(typed.train, loop.LoopConfig) and typed.train.loop_settings().steps == config.train.steps
   assert typed.train.steps == config.train.steps and typed.model.kwargs["width"] == 32
   with pytest.raises(dataclasses.FrozenInstanceError):
     typed.seed = 1
 
   bad = configs_gmm.get_config("tiny")
   bad.train.stepz = 3
-  with pytest.raises(ValueError, match=r"train\.stepz"):
+  with pytest.raises(ValueError, match=r"train\.stepz.*valid keys of config\.train: \[.*'steps'"):
     train.TeacherConfig.from_config(bad)
   bad = configs_gmm.get_config("tiny").to_dict()  # ConfigDicts check types themselves; plain dicts are checked here
   bad["train"]["steps"] = 2.5
   with pytest.raises(TypeError, match=r"train\.steps must be an integer"):
     train.TeacherConfig.from_config(bad)
   bad = configs_gmm.get_config("tiny")
-  bad.train.lr_decay = "linear"
-  with pytest.raises(ValueError, match="lr_decay"):
+  bad.train.lr_decay = "cosin"
+  with pytest.raises(ValueError, match=r"lr_decay 'cosin'; expected one of \['constant', 'cosine', 'linear'\]"):
     train.TeacherConfig.from_config(bad)
   bad = configs_gmm.get_config("tiny")
-  del bad["precond"]
-  with pytest.raises(ValueError, match="precond"):
+  bad.train.sample_steps = 0
+  with pytest.raises(ValueError, match=r"train\.sample_steps must be >= 1"):
     train.TeacherConfig.from_config(bad)
-  # Sections for other modes are left alone.
+  bad = configs_gmm.get_config("tiny")
+  del bad["data"]
+  with pytest.raises(ValueError, match=r"data\.name is required"):
+    train.TeacherConfig.from_config(bad)
+  # A section of another mode is an error, naming the valid sections (the config of a mode is all it reads).
   other = configs_gmm.get_config("tiny")
   other.mteo = ml_collections.ConfigDict({"steps": 3})
-  assert train.TeacherConfig.from_config(other) == typed
+  with pytest.raises(ValueError, match=r"config\.mteo.*valid keys of config: \['data', 'mode', 'model'"):
+    train.TeacherConfig.from_config(other)
+  # Keys left out take the defaults of modes.base_config("train").
+  partial = configs_gmm.get_config("tiny").to_dict()
+  del partial["precond"], partial["train"]["lr_end_factor"]
+  assert train.TeacherConfig.from_config(partial) == typed
 
 
 def test_config_utils_roundtrip_and_diff():
+  """to_plain is JSON-ready, diff names the dotted keys that differ, and from_dict names a missing required key."""
   plain = config_utils.to_plain(configs_gmm.get_config())
   assert json.loads(json.dumps(plain)) == plain
   assert config_utils.tuples_from_lists({"a": [1, [2, 3]], "b": "x"}) == {"a": (1, (2, 3)), "b": "x"}
@@ -103,28 +117,42 @@ def test_config_utils_roundtrip_and_diff():
   changed["model"]["kwargs"]["width"] = 7
   assert config_utils.diff(plain, changed) == ["model.kwargs.width", "train.lr"]
   assert config_utils.diff(plain, changed, ignore={"train.lr"}) == ["model.kwargs.width"]
-  with pytest.raises(ValueError, match="missing"):
-    config_utils.from_dict(train.TrainConfig, {"steps": 3})
+
+  @dataclasses.dataclass(frozen=True)
+  class Needs:
+    x: int
+    y: int = 0
+
+  with pytest.raises(ValueError, match=r"missing key\(s\) \['where\.x'\]"):
+    config_utils.from_dict(Needs, {"y": 3}, where="where")
+  assert config_utils.from_dict(Needs, {"x": 2}) == Needs(2, 0)
 
 
 # --- optimiser and EMA ------------------------------------------------------------------------------------------------
 
 def test_lr_schedule_warmup_and_decay():
-  constant = train.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10))
-  cosine = train.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10,
-                                                    lr_decay="cosine"))
+  """The teacher's section is a LoopConfig: loop.make_lr_schedule warms it up linearly, then holds it (constant) or
+  takes it along a half cosine to lr * lr_end_factor (0 by default) at `steps`."""
+  constant = loop.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10,
+                                                     lr_decay="constant"))
+  cosine = loop.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10))
+  assert train.TrainConfig().lr_decay == "cosine" and train.TrainConfig().lr_end_factor == 0.0  # teacher defaults
   np.testing.assert_allclose([float(constant(t)) for t in (0, 4, 9, 50, 99)], [0.1, 0.5, 1.0, 1.0, 1.0], rtol=1e-6)
   np.testing.assert_allclose(float(cosine(9)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(cosine(55)), 0.5, rtol=1e-5)  # half way through the decay
   assert float(cosine(99)) < 1e-3
-  no_warmup = train.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=2.0))
+  floor = loop.make_lr_schedule(train.TrainConfig(steps=100, batch_size=1, lr=1.0, warmup_steps=10,
+                                                  lr_end_factor=0.2))
+  np.testing.assert_allclose([float(floor(55)), float(floor(100))], [0.6, 0.2], rtol=1e-5)
+  no_warmup = loop.make_lr_schedule(loop.LoopConfig(steps=100, batch_size=1, lr=2.0))
   assert float(no_warmup(0)) == 2.0
 
 
 def test_grad_clip_bounds_the_first_moment():
+  """loop.make_optimizer clips the global gradient norm to grad_clip (0 = off) before Adam."""
   grads, params = {"w": jnp.full((4,), 100.0)}, {"w": jnp.zeros((4,))}  # global norm 200
   for clip, expected in ((0.0, 200.0), (1.0, 1.0)):
-    optimizer = train.make_optimizer(train.TrainConfig(steps=10, batch_size=1, lr=1e-3, grad_clip=clip))
+    optimizer = loop.make_optimizer(train.TrainConfig(steps=10, batch_size=1, lr=1e-3, grad_clip=clip))
     _, opt_state = jax.jit(lambda g, p: optimizer.update(g, optimizer.init(p), p))(grads, params)
     mu = [s.mu for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
           if isinstance(s, optax.ScaleByAdamState)][0]
@@ -132,15 +160,17 @@ def test_grad_clip_bounds_the_first_moment():
 
 
 def test_ema_decay_warms_up_to_the_configured_value():
-  np.testing.assert_allclose(float(train.ema_decay_at(0, 0.999)), 0.1)
-  np.testing.assert_allclose(float(train.ema_decay_at(90, 0.999)), 91 / 100)
-  np.testing.assert_allclose(float(train.ema_decay_at(10 ** 6, 0.999)), 0.999)
+  """loop.ema_decay_at is (1 + t) / (10 + t) early and the teacher's ema_decay later."""
+  np.testing.assert_allclose(float(loop.ema_decay_at(0, 0.999)), 0.1)
+  np.testing.assert_allclose(float(loop.ema_decay_at(90, 0.999)), 91 / 100)
+  np.testing.assert_allclose(float(loop.ema_decay_at(10 ** 6, 0.999)), 0.999)
 
 
 def test_ema_differs_from_params_and_follows_them(gmm_run):
+  """In a teacher run the EMA follows the loop's recurrence exactly, differs from the parameters and tracks them."""
   final, snaps = gmm_run["final"], gmm_run["snapshots"]
   # The exact recurrence ema_{t+1} = d_t ema_t + (1 - d_t) params_{t+1}, with t = 50 updates before step 51.
-  decay = np.float32(train.ema_decay_at(50, gmm_run["config"].train.ema_decay))
+  decay = np.float32(loop.ema_decay_at(50, gmm_run["config"].train.ema_decay))
   assert decay == np.float32(51 / 60)
   expected = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, snaps[50]["ema"], snaps[51]["params"])
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), expected, snaps[51]["ema"])
@@ -155,20 +185,34 @@ def test_ema_differs_from_params_and_follows_them(gmm_run):
 
 # --- training ---------------------------------------------------------------------------------------------------------
 
+def train_records(workdir):
+  """The metrics.jsonl records of a run without their timing (which differs between runs)."""
+  return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in train.read_metrics(workdir)]
+
+
 def test_loss_decreases_and_artefacts_exist(gmm_run):
+  """A teacher run logs a record (mean loss of the interval, grad norm, lr) every log_every steps, its loss falls, it
+  keeps the last `keep` checkpoints, and it draws no picture when num_samples=0."""
   records = train.read_metrics(gmm_run["workdir"])
-  steps = gmm_run["config"].train.steps
+  tc = gmm_run["config"].train
+  steps = tc.steps
   assert [r["step"] for r in records] == list(range(20, steps + 1, 20))
-  assert sum(len(r["losses"]) for r in records) == steps and gmm_run["seen"] == list(range(1, steps + 1))
-  first, last = np.mean(records[0]["losses"]), np.mean(records[-1]["losses"] + records[-2]["losses"])
+  assert gmm_run["seen"] == list(range(1, steps + 1))  # the hook saw every step
+  assert all(r["num_devices"] == jax.device_count() and r["steps_per_s"] > 0 for r in records)
+  first, last = records[0]["loss"], np.mean([records[-1]["loss"], records[-2]["loss"]])
   assert last < 0.85 * first, (first, last)
   assert all(np.isfinite(r["grad_norm"]) and r["lr"] > 0 for r in records)
+  # The lr of a record is the loop's schedule at the record's last update (cosine down to lr_end_factor = 0).
+  schedule = loop.make_lr_schedule(tc)
+  np.testing.assert_allclose([r["lr"] for r in records], [float(schedule(r["step"] - 1)) for r in records], rtol=1e-6)
   assert checkpoints.Checkpointer(gmm_run["workdir"] / "checkpoints").all_steps() == [200, 300]  # keep=2
   assert gmm_run["step"] == steps
   assert not (gmm_run["workdir"] / "samples").exists()  # num_samples=0: no pictures
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(gmm_run, tmp_path):
+  """A run killed after its step-100 checkpoint resumes from it and ends as the uninterrupted run (records, params,
+  EMA); a finished run restarted does no step and exports the same teacher."""
   config, workdir = gmm_run["config"], tmp_path / "run"
 
   class Killed(Exception):
@@ -189,9 +233,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(gmm_run, tmp_path):
   final = train.train(config, workdir, hooks=[lambda step, state, metrics: seen.append(step)])
   assert seen == list(range(101, config.train.steps + 1))  # the saved steps were not redone
   # The loss curve is the uninterrupted one: records past the checkpoint were dropped and redone identically.
-  resumed, uninterrupted = train.read_metrics(workdir), train.read_metrics(gmm_run["workdir"])
-  assert [r["step"] for r in resumed] == [r["step"] for r in uninterrupted]
-  assert [r["losses"] for r in resumed] == [r["losses"] for r in uninterrupted]
+  assert train_records(workdir) == train_records(gmm_run["workdir"])
   jax.tree.map(np.testing.assert_array_equal, host(final.params), gmm_run["final"]["params"])
   jax.tree.map(np.testing.assert_array_equal, host(final.ema_params), gmm_run["final"]["ema"])
 
@@ -242,35 +284,73 @@ def test_a_refused_resume_closes_the_checkpoints(gmm_run, tmp_path, monkeypatch)
   close = checkpoints.Checkpointer.close
   monkeypatch.setattr(checkpoints.Checkpointer, "close", lambda self: (closed.append(self.directory), close(self)))
   changed = dataclasses.replace(gmm_run["config"], seed=1)
-  with pytest.raises(ValueError, match="seed"):
+  with pytest.raises(loop.ResumeMismatchError, match="seed"):
     train.train(changed, gmm_run["workdir"])
   assert [str(d) for d in closed] == [str(gmm_run["workdir"] / "checkpoints")]
 
 
 def test_resume_with_another_config_is_an_error(gmm_run):
-  changed = dataclasses.replace(gmm_run["config"],
-                                train=dataclasses.replace(gmm_run["config"].train, lr=1e-2))
-  with pytest.raises(ValueError, match=r"different config \(train\.lr: 0\.003 -> 0\.01\)"):
-    train.train(changed, gmm_run["workdir"])
-  changed = dataclasses.replace(gmm_run["config"], seed=1)
-  with pytest.raises(ValueError, match="seed"):
-    train.train(changed, gmm_run["workdir"])
+  """A workdir holding a checkpoint of another teacher run (optimiser, seed or preconditioning) is refused with
+  loop.ResumeMismatchError naming each differing key with its old and new value; nothing is trained or exported."""
+  config, workdir = gmm_run["config"], gmm_run["workdir"]
+  exported = os.path.getmtime(workdir / "teacher")
+  for changed, message in (
+      (dataclasses.replace(config, train=dataclasses.replace(config.train, lr=1e-2)), r"loop\.lr: 0\.003 -> 0\.01"),
+      (dataclasses.replace(config, seed=1), r"task\.seed: 0 -> 1"),
+      (dataclasses.replace(config, precond=dataclasses.replace(config.precond, sigma_data=0.6)),
+       r"task\.precond\.sigma_data: 0\.5 -> 0\.6")):
+    with pytest.raises(loop.ResumeMismatchError, match=rf"holds a checkpoint \(step 300\) .*: {message}\."):
+      train.train(changed, workdir)
+  assert os.path.getmtime(workdir / "teacher") == exported
+  assert checkpoints.Checkpointer(workdir / "checkpoints").all_steps() == [200, 300]
 
 
-def test_resume_config_rules():
-  saved = config_utils.to_plain(tiny_config())
-  more_logging = json.loads(json.dumps(saved))
-  more_logging["train"].update(log_every=1, sample_every=5, num_samples=16, checkpoint_every=7)
-  train.check_resume_config(saved, more_logging)  # logging and pictures may change
-  longer = json.loads(json.dumps(saved))
-  longer["train"]["steps"] = 1000
-  with pytest.raises(ValueError, match=r"train\.steps"):  # the cosine decay is stretched by more steps
-    train.check_resume_config(saved, longer)
-  saved["train"]["lr_decay"] = longer["train"]["lr_decay"] = "constant"
-  train.check_resume_config(saved, longer)  # a constant rate may simply run longer
+@pytest.mark.parametrize("change", [{"log_every": 1}, {"checkpoint_every": 7}, {"keep": 5}, {"progress": False},
+                                    {"sample_every": 5}, {"sample_steps": 3}, {"num_samples": 16}])
+def test_resume_identity_ignores_logging_checkpoints_and_pictures(change):
+  """The loop's run identity of a teacher run (what its checkpoint must match) and the train mode's experiment
+  identity (what its workdir must match) leave out logging, checkpoint, progress and picture settings."""
+  config = tiny_config()
+  changed = dataclasses.replace(config, train=dataclasses.replace(config.train, **change))
+  task = {"seed": config.seed, "data": config.data}
+  assert loop.run_identity(changed.train, task) == loop.run_identity(config.train, task)
+  identity = modes.MODES.get("train").identity
+  assert identity(changed) == identity(config)
+
+
+@pytest.mark.parametrize("change", [{"lr": 1e-2}, {"batch_size": 128}, {"warmup_steps": 5}, {"lr_decay": "linear"},
+                                    {"lr_end_factor": 0.1}, {"grad_clip": 0.5}, {"ema_decay": 0.99},
+                                    {"steps": 1000}])
+def test_resume_identity_holds_every_optimisation_setting(change):
+  """Every loop setting that changes the result is in the run identity, steps included under a decaying lr (more
+  steps stretch the decay), and so is the task's identity."""
+  config = tiny_config()
+  assert config.train.lr_decay == "cosine"
+  changed = dataclasses.replace(config.train, **change)
+  task = {"seed": config.seed}
+  (key,) = change
+  assert config_utils.diff(loop.run_identity(config.train, task), loop.run_identity(changed, task)) == [f"loop.{key}"]
+  assert config_utils.diff(loop.run_identity(config.train, task),
+                           loop.run_identity(config.train, {"seed": 1})) == ["task.seed"]
+  identity = modes.MODES.get("train").identity
+  assert identity(dataclasses.replace(config, train=changed)) != identity(config)
+
+
+def test_a_constant_lr_teacher_may_run_longer():
+  """With a constant learning rate, steps is left out of the identities, so a finished run can be extended."""
+  config = tiny_config()
+  constant = dataclasses.replace(config, train=dataclasses.replace(config.train, lr_decay="constant"))
+  longer = dataclasses.replace(constant, train=dataclasses.replace(constant.train, steps=1000))
+  task = {"seed": config.seed}
+  assert loop.run_identity(longer.train, task) == loop.run_identity(constant.train, task)
+  assert "steps" not in loop.run_identity(constant.train, task)["loop"]
+  identity = modes.MODES.get("train").identity
+  assert identity(longer) == identity(constant) != identity(config)
 
 
 def test_exported_teacher_rebuilds_the_denoiser(gmm_run, tmp_path):
+  """load_teacher rebuilds the run's EMA denoiser from the export; the picture sampler follows the labels; exports
+  whose parameters or metadata do not fit are refused."""
   backbone, params, precond, metadata = train.load_teacher(gmm_run["workdir"] / "teacher")
   assert precond == gmm_run["config"].precond
   assert metadata["steps"] == gmm_run["config"].train.steps and metadata["dataset"] == "gmm"
@@ -305,6 +385,8 @@ def test_exported_teacher_rebuilds_the_denoiser(gmm_run, tmp_path):
 
 
 def test_labels_reach_a_conditional_model(gmm_run, tmp_path):
+  """A class-conditional teacher uses its labels, and a conditional model on unlabelled data (or another number of
+  classes) is refused before training."""
   backbone, params, precond, _ = train.load_teacher(gmm_run["workdir"] / "teacher")
   assert backbone.num_classes == 8
   x = jnp.ones((2, 2))
@@ -322,9 +404,11 @@ def test_labels_reach_a_conditional_model(gmm_run, tmp_path):
 
 
 def test_model_must_fit_the_data(tmp_path):
+  """A backbone whose input shape is not the data's is refused before any checkpoint is written."""
   config = configs_gmm.get_config("tiny")
   config.model.kwargs.data_dim = 3
-  with pytest.raises(ValueError, match=r"MLP\(data_dim=3\) takes samples of shape \(3,\), but the data shape is \(2,\)"):
+  message = r"MLP\(data_dim=3\) takes samples of shape \(3,\), but the data shape is \(2,\)"
+  with pytest.raises(ValueError, match=message):
     train.train(train.TeacherConfig.from_config(config), tmp_path / "w")
   assert not (tmp_path / "w" / "checkpoints").exists() or not any((tmp_path / "w" / "checkpoints").iterdir())
 
@@ -332,6 +416,7 @@ def test_model_must_fit_the_data(tmp_path):
 # --- pictures ---------------------------------------------------------------------------------------------------------
 
 def test_image_grid_pixels(tmp_path):
+  """image_grid maps [-1, 1] to 0..255 with white padding; save_image_grid upscales and checks the shape."""
   images = np.stack([np.full((2, 3, 1), -1.0), np.full((2, 3, 1), 1.0), np.zeros((2, 3, 1))])
   grid = viz.image_grid(images, ncol=2, padding=1)
   assert grid.shape == (2 * 3 + 1, 2 * 4 + 1, 1)
@@ -343,6 +428,7 @@ def test_image_grid_pixels(tmp_path):
 
 
 def test_plots_write_files_and_check_input(tmp_path):
+  """The scatter, comparison, bar and line plots write files, honour their options and check their inputs."""
   points = np.random.RandomState(0).randn(50, 2)
   assert os.path.getsize(viz.save_scatter(points, tmp_path / "s.png", reference=points, limit=3.0)) > 0
   with pytest.raises(ValueError, match=r"\[N, 2\]"):
@@ -376,6 +462,7 @@ def test_plots_write_files_and_check_input(tmp_path):
 
 
 def test_save_samples_picks_the_picture(tmp_path):
+  """save_samples draws an image grid for images, a projection for points and a histogram for 1-D samples."""
   assert train.save_samples(np.zeros((4, 8, 8, 1)), tmp_path / "img.png") is not None
   assert Image.open(tmp_path / "img.png").size == (4 * (2 * 9 + 1),) * 2  # 2x2 grid, 4x upscaled for 8x8 data
   assert train.save_samples(np.zeros((10, 3)), tmp_path / "pts.png", reference=np.ones((5, 3))) is not None

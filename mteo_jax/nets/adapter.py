@@ -27,7 +27,7 @@ gives its output to every ``ResnetBlock``, which projects it with ``nn.Dense(ch,
     solver = get_solver("dpmpp_2m")
     sigmas = get_schedule("edm", solver.num_steps_for_nfe(3), 0.002, 80.0, rho=7.0)
     table = mteo.init_table(backbone, params, precond, solver.eval_sigmas(sigmas))  # reproduces the base solver
-    # ... train it with fitting.fit(mteo.make_loss_fn(solver, backbone, precond, sigmas, mteo.LossConfig()), ...)
+    table, result = mteo.fit_table(backbone, params, precond, solver, sigmas, run_dir="runs/my_unet")  # trained
     x0 = mteo.student_sample(solver, backbone, params, precond, table, x_T, sigmas)
 
 A model that takes another noise input or more arguments gets a ``call``, e.g. one trained on ``sigma`` with a

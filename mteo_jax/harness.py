@@ -1,0 +1,445 @@
+"""One evaluation harness for every few-step method on one teacher (DESIGN §5b, §6).
+
+The harness owns what all methods share, so that their numbers are comparable:
+
+* noise: training and evaluation noise from disjoint seeds (``noise_seeds``), with a conditional teacher's labels;
+* references: diffrax solves of the teacher, cached in ``WORKDIR/references``; the training noise is solved once, at
+  the union of every cell's sigmas (``train_data``), the evaluation noise at its end point;
+* the evaluator: RMSE and PSNR to the reference from the same noise; the Fréchet distance in the shipped feature
+  nets' space (images); log-likelihood and sliced Wasserstein against the exact mixture (GMM);
+* rows: the teacher row (many-step Heun), the reference row, and one row per (method, solver, NFE), written to
+  ``results.json``; pictures of the same held-out noise through every method.
+
+A method is an object with ``fit(harness, cell) -> Artefact`` and ``sampler(artefact) -> (x_T, label) -> x_0``
+(``methods.Method``); ``Harness.run`` fits and scores each method on each cell:
+
+    harness = Harness(Teacher.load("pretrained:digits"), workdir, HarnessConfig())
+    cells = harness.cells(("euler", "ipndm"), nfes=(3,))
+    rows = harness.run([methods.get_method("base"), methods.get_method("mteo")], cells)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from mteo_jax import config_utils, metrics
+from mteo_jax import data as data_lib
+from mteo_jax.schedules import SCHEDULES, get_schedule
+from mteo_jax.solvers import get_solver
+from mteo_jax.teachers import Teacher, label_seed
+
+if TYPE_CHECKING:
+  from mteo_jax.reference import Reference
+
+Sampler = Callable[[np.ndarray, "np.ndarray | None"], jax.Array]
+# The names of ``reference.REFERENCE_SOLVERS``, here so that a config is checked without importing diffrax (a test
+# keeps the two equal).
+REFERENCE_SOLVER_NAMES = ("dopri5", "dopri8", "tsit5")
+
+
+def noise_seeds(seed: int) -> tuple[int, int]:
+  """(train, evaluation) noise seeds: disjoint streams, even and odd, for every experiment seed."""
+  train_seed, eval_seed = 2 * seed, 2 * seed + 1
+  assert train_seed != eval_seed and train_seed % 2 == 0 and eval_seed % 2 == 1
+  return train_seed, eval_seed
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceConfig:
+  """The diffrax solve of the teacher's probability-flow ODE (``reference.reference_trajectories``)."""
+  solver: str = "tsit5"
+  rtol: float = 1e-5
+  atol: float = 1e-5
+  batch_size: int = 512
+
+  def __post_init__(self):
+    if self.solver not in REFERENCE_SOLVER_NAMES:
+      raise KeyError(f"unknown reference solver {self.solver!r}; expected one of {list(REFERENCE_SOLVER_NAMES)}")
+    for name in ("rtol", "atol"):
+      if not getattr(self, name) > 0:
+        raise ValueError(f"reference.{name} must be > 0, got {getattr(self, name)}")
+    if self.batch_size < 1:
+      raise ValueError(f"reference.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessConfig:
+  """What the harness needs besides the teacher.
+
+  Attributes:
+    seed: the experiment seed; the noise seeds are ``noise_seeds(seed)``.
+    num_train: training noises (and reference trajectories) shared by every method.
+    num_eval: held-out noises every method is scored on.
+    eval_batch_size: samples per jitted sampling call during evaluation.
+    teacher_steps: Heun steps of the teacher row (``2 * steps - 1`` NFE).
+    schedule, rho: the base sigma schedule of each cell (``rho`` for ``edm`` only).
+    grid_size: samples per row of the comparison picture.
+    reference: the diffrax solve.
+    progress: progress bars for the reference solves.
+  """
+  seed: int = 0
+  num_train: int = 1024
+  num_eval: int = 1000
+  eval_batch_size: int = 500
+  teacher_steps: int = 50
+  schedule: str = "edm"
+  rho: float = 7.0
+  grid_size: int = 10
+  reference: ReferenceConfig = ReferenceConfig()
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("num_train", "num_eval", "eval_batch_size", "teacher_steps", "grid_size"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.schedule == "explicit":
+      raise ValueError("schedule='explicit' needs a grid per NFE; use edm, time_uniform or logsnr_uniform")
+    SCHEDULES.get(self.schedule)   # KeyError listing the valid names
+    if self.schedule == "edm" and not self.rho > 0:
+      raise ValueError(f"rho must be > 0, got {self.rho}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One (solver, NFE) a method is asked to serve, with the harness's base schedule for it.
+
+  Attributes:
+    solver_name: the registry name; solver: the solver object.
+    nfe: network evaluations per sample; sigmas: [N + 1] float32, the base schedule (``solver.num_steps_for_nfe``).
+  """
+  solver_name: str
+  nfe: int
+  solver: Any
+  sigmas: np.ndarray
+
+  @property
+  def tag(self) -> str:
+    return f"{self.solver_name}_nfe{self.nfe}"
+
+
+@dataclasses.dataclass
+class Artefact:
+  """What a method's ``fit`` returns.
+
+  Attributes:
+    method: the method's name. cell: the cell it was fitted for.
+    payload: what was learned (an MTEO table, a schedule, parameters; None for the plain solver).
+    train_seconds: wall time of the learning, restarts included (0 for training-free methods).
+    curves: learning curves for ``results.json`` (e.g. ``{"loss_curve": {"step": [...], "loss": [...]}}``).
+    path: where the artefact was saved, if it was.
+  """
+  method: str
+  cell: Cell
+  payload: Any = None
+  train_seconds: float = 0.0
+  curves: dict = dataclasses.field(default_factory=dict)
+  path: str | None = None
+
+
+def _batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarray:
+  """``fn`` over chunks of the leading axis (the last chunk padded so that ``fn`` compiles once)."""
+  num = arrays[0].shape[0]
+  outputs = []
+  for start in range(0, num, batch_size):
+    chunk = [None if a is None else a[start:start + batch_size] for a in arrays]
+    pad = batch_size - chunk[0].shape[0] if num > batch_size else 0
+    if pad:
+      chunk = [None if c is None else np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
+    outputs.append(np.asarray(fn(*chunk))[:batch_size - pad])
+  return np.concatenate(outputs)
+
+
+def timed_samples(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> tuple[np.ndarray, float]:
+  """``(samples, seconds per 1000 samples)``: compiled on the first chunk, then the whole pass is timed."""
+  _batched(fn, batch_size, *[None if a is None else a[:batch_size] for a in arrays])
+  start = time.perf_counter()
+  samples = _batched(fn, batch_size, *arrays)
+  return samples, 1000.0 * (time.perf_counter() - start) / arrays[0].shape[0]
+
+
+class Evaluator:
+  """Scores samples from held-out noise against the reference: RMSE, PSNR and, where possible, a distribution metric."""
+
+  def __init__(self, reference_final: np.ndarray, real: np.ndarray | None, feature_net=None, mixture=None):
+    self.reference_final = reference_final
+    self.real = real
+    self.feature_net = feature_net
+    self.mixture = mixture
+    self.real_stats = None
+    if feature_net is not None and real is not None:
+      self.real_stats = metrics.feature_stats(feature_net, real)  # once, not per evaluated method
+
+  def __call__(self, samples: np.ndarray) -> dict[str, Any]:
+    psnr = float(metrics.psnr(samples, self.reference_final))
+    row = {"rmse": float(metrics.rmse(samples, self.reference_final)),
+           "psnr": psnr if np.isfinite(psnr) else None,  # the reference against itself: strict JSON has no inf
+           "n_eval": int(samples.shape[0])}
+    if self.real_stats is not None:
+      row["fd"] = float(metrics.frechet_distance(*metrics.feature_stats(self.feature_net, samples), *self.real_stats))
+      row["fd_name"] = metrics.frechet_metric_name(self.feature_net)
+    if self.mixture is not None:
+      row["sliced_wasserstein"] = float(metrics.sliced_wasserstein(samples, self.real, seed=0))
+      row["log_likelihood"] = float(metrics.mixture_log_likelihood(samples, self.mixture))
+    return row
+
+
+def _feature_network(dataset_name: str | None):
+  from mteo_jax import features  # noqa: PLC0415
+  name = {"digits": "digits", "fashion_mnist": "fmnist"}.get(dataset_name or "")
+  if name is None:
+    return None
+  try:
+    return features.load_feature_network(name)
+  except FileNotFoundError as e:
+    logging.warning("no feature network for %s (%s): the Fréchet distance is skipped", dataset_name, e)
+    return None
+
+
+def _real_data(teacher: Teacher, num: int):
+  """Held-out real data (the test split) of the teacher's dataset, and the exact mixture for a GMM teacher."""
+  name = teacher.metadata.get("dataset")
+  if name is None:
+    return None, None
+  options = config_utils.tuples_from_lists(teacher.metadata.get("data_options") or {})
+  try:
+    dataset = data_lib.get_dataset(name, "test", **options)
+  except (KeyError, FileNotFoundError, ValueError) as e:
+    logging.warning("held-out data of %s unavailable (%s): distribution metrics are skipped", name, e)
+    return None, None
+  real = dataset.get_batch(np.arange(min(num, len(dataset))))["x"]
+  return real, getattr(dataset, "mixture", None)
+
+
+class Harness:
+  """The shared evaluation set-up on one teacher (see the module docstring).
+
+  Attributes:
+    teacher, workdir, config: as given.
+    train_seed, eval_seed: ``noise_seeds(config.seed)``.
+    x_T_train, x_T_eval: [num_train | num_eval, *data_shape] float32 noise at ``sigma_max``.
+    label_train, label_eval: [num] int labels for a conditional teacher, else None.
+    eval_reference: the reference of ``x_T_eval`` (its ``final`` is what samples are scored against).
+    evaluate: the ``Evaluator``.
+    rows: the rows scored so far; pictures: ``{row name: [grid_size, ...] samples}`` of the first NFE.
+  """
+
+  def __init__(self, teacher: Teacher, workdir: str | os.PathLike, config: HarnessConfig = HarnessConfig()):
+    self.teacher, self.workdir, self.config = teacher, Path(workdir), config
+    from mteo_jax.reference import ReferenceCache, reference_noise  # noqa: PLC0415 (diffrax is slow to import)
+    self.train_seed, self.eval_seed = noise_seeds(config.seed)
+    sigma_max = teacher.precond.sigma_max
+    self.x_T_train = np.asarray(reference_noise(self.train_seed, config.num_train, teacher.data_shape, sigma_max))
+    self.x_T_eval = np.asarray(reference_noise(self.eval_seed, config.num_eval, teacher.data_shape, sigma_max))
+    self.label_train = teacher.labels(self.train_seed, config.num_train)
+    self.label_eval = teacher.labels(self.eval_seed, config.num_eval)
+    self.cache = ReferenceCache(self.workdir / "references")
+    self.rows: list[dict] = []
+    self.pictures: dict[str, np.ndarray] = {}
+    self._cells: list[Cell] = []
+    self._train_reference: tuple[np.ndarray, Reference] | None = None
+    self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed,
+                                         np.array([sigma_max, teacher.precond.sigma_min], np.float32))
+    self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
+    feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
+    self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture)
+    self.pictures["reference"] = self.eval_reference.final[:config.grid_size]
+
+  # --- cells and references ------------------------------------------------------------------------------------------
+
+  def cells(self, solvers: Sequence[str], nfes: Sequence[int]) -> list[Cell]:
+    """One cell per (NFE, solver), in that order, on the base schedule; all of them share one training reference."""
+    precond, config = self.teacher.precond, self.config
+    options = {"rho": config.rho} if config.schedule == "edm" else {}
+    cells = []
+    for nfe in nfes:
+      for name in solvers:
+        solver = get_solver(name)
+        sigmas = np.asarray(get_schedule(config.schedule, solver.num_steps_for_nfe(nfe), precond.sigma_min,
+                                         precond.sigma_max, **options))
+        cells.append(Cell(name, nfe, solver, sigmas))
+    self._cells.extend(cells)
+    self._train_reference = None  # solved again, from the cache when it holds the union already
+    return cells
+
+  def reference(self, x_T: np.ndarray, labels: np.ndarray | None, noise_seed: int, sigmas: Any) -> Reference:
+    """The teacher's reference from ``x_T`` saved at ``sigmas``, from the cache or solved and cached."""
+    from mteo_jax.reference import reference_key, reference_trajectories  # noqa: PLC0415
+    teacher, ref = self.teacher, self.config.reference
+    key = reference_key(teacher.identity, teacher.precond, noise_seed, x_T.shape[0], teacher.data_shape, sigmas,
+                        ref.solver, ref.rtol, ref.atol, x_T=x_T, labels=labels,
+                        label_seed=None if labels is None else label_seed(noise_seed))
+    return self.cache.get_or_compute(key, lambda: reference_trajectories(
+        teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
+        batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
+        progress=self.config.progress))
+
+  def train_data(self, cell: Cell) -> dict[str, np.ndarray]:
+    """``{"x_T": [num_train, ...], "ref": [num_train, N + 1, ...], "label"?: [num_train]}``: the teacher's states
+    from the training noise at the cell's sigmas. One solve serves every cell made by ``cells`` (the union grid)."""
+    from mteo_jax.reference import union_sigmas  # noqa: PLC0415
+    if self._train_reference is None:
+      grid, _ = union_sigmas([c.sigmas for c in self._cells] or [cell.sigmas])
+      self._train_reference = (grid, self.reference(self.x_T_train, self.label_train, self.train_seed, grid))
+    grid, ref = self._train_reference
+    wanted = np.asarray(cell.sigmas, grid.dtype)
+    index = [int(np.flatnonzero(grid == s)[0]) if np.any(grid == s) else -1 for s in wanted]
+    if min(index) < 0:  # a cell made after the union was solved
+      grid, _ = union_sigmas([c.sigmas for c in self._cells] + [cell.sigmas])
+      self._train_reference = (grid, self.reference(self.x_T_train, self.label_train, self.train_seed, grid))
+      return self.train_data(cell)
+    data = {"x_T": self.x_T_train, "ref": np.swapaxes(ref.states[index], 0, 1)}
+    if self.label_train is not None:
+      data["label"] = self.label_train
+    return data
+
+  def held_out_rmse(self, sample: Sampler, num: int = 256) -> float:
+    """RMSE to the reference on the first ``num`` held-out noises: a cheap monitor during training."""
+    num = min(num, self.config.num_eval)
+    labels = None if self.label_eval is None else self.label_eval[:num]
+    return float(metrics.rmse(np.asarray(sample(self.x_T_eval[:num], labels)), self.eval_reference.final[:num]))
+
+  def run_dir(self, method: str, cell: Cell) -> Path:
+    """Where a method keeps the checkpoints and metrics of its run on a cell."""
+    return self.workdir / method / cell.tag
+
+  # --- rows ----------------------------------------------------------------------------------------------------------
+
+  def score(self, method: str, solver_name: str, nfe: int, sample: Sampler, *, train_seconds: float = 0.0,
+            extra: dict | None = None) -> tuple[dict, np.ndarray]:
+    """Samples the held-out noise with ``sample(x_T, label)``, scores it and appends the row."""
+    samples, seconds_per_1k = timed_samples(sample, self.config.eval_batch_size, self.x_T_eval, self.label_eval)
+    row = {"method": method, "solver": solver_name, "nfe": nfe, **self.evaluate(samples),
+           "train_seconds": train_seconds, "sample_seconds_per_1k": seconds_per_1k, **(extra or {})}
+    logging.info("%-8s %-9s NFE %d: RMSE %.4f  PSNR %.2f%s", method, solver_name, nfe, row["rmse"],
+                 row["psnr"] or np.inf, f"  {row['fd_name']} {row['fd']:.3f}" if "fd" in row else "")
+    self.rows.append(row)
+    return row, samples
+
+  def teacher_row(self) -> dict:
+    """The teacher with many Heun steps on the EDM (rho = 7) schedule: what few-step methods approximate."""
+    heun, precond, steps = get_solver("heun"), self.teacher.precond, self.config.teacher_steps
+    sigmas = get_schedule("edm", steps, precond.sigma_min, precond.sigma_max, rho=7.0)
+    # One compiled denoiser call per step: a whole unrolled program of ~100 evaluations takes XLA minutes to compile.
+    call = jax.jit(lambda x, sigma, label: self.teacher.denoiser(x, sigma, label=label))
+    sample = lambda x_T, label: heun.sample(lambda x, sigma: call(x, sigma, label), jnp.asarray(x_T), sigmas)  # noqa
+    return self.score("teacher", "heun", heun.nfe(steps), sample)[0]
+
+  def reference_row(self) -> dict | None:
+    """The reference itself against the real data (only where a distribution metric exists)."""
+    if self.evaluate.real_stats is None:
+      return None
+    row = {"method": "reference", "solver": self.config.reference.solver,
+           "nfe": int(np.mean(self.eval_reference.nfe)), **self.evaluate(self.eval_reference.final),
+           "train_seconds": 0.0, "sample_seconds_per_1k": None}
+    self.rows.append(row)
+    return row
+
+  def run(self, methods: Sequence[Any], cells: Sequence[Cell]) -> list[dict]:
+    """Fits every method on every cell and scores it (cells in order; methods in order within a cell). Samples of
+    the first NFE go to the comparison picture as ``"<solver>"`` (the method ``base``) or ``"<solver> + <METHOD>"``."""
+    first_nfe = cells[0].nfe if cells else None
+    rows = []
+    for cell in cells:
+      for method in methods:
+        start = time.perf_counter()
+        artefact = method.fit(self, cell)
+        seconds = artefact.train_seconds if artefact.train_seconds else 0.0
+        logging.info("%s on %s: fitted (%.1f s of training; this call %.1f s)", method.name, cell.tag, seconds,
+                     time.perf_counter() - start)
+        row, samples = self.score(method.name, cell.solver_name, cell.nfe, method.sampler(artefact),
+                                  train_seconds=seconds, extra=artefact.curves)
+        rows.append(row)
+        if cell.nfe == first_nfe:
+          name = cell.solver_name if method.name == "base" else f"{cell.solver_name} + {method.name.upper()}"
+          self.pictures[name] = samples[:self.config.grid_size]
+    return rows
+
+  # --- results -------------------------------------------------------------------------------------------------------
+
+  def write_results(self, extra: dict | None = None, *, picture_nfe: int | None = None) -> dict:
+    """``results.json`` (rows, teacher, seeds, ``extra``), then the pictures; a picture that fails is recorded in
+    ``results["picture_errors"]`` and never costs the results."""
+    teacher = self.teacher
+    results = {"teacher": {"path": teacher.source, "identity": teacher.identity,
+                           **{k: teacher.metadata.get(k) for k in ("backbone", "dataset", "steps", "final_loss")}},
+               **(extra or {}), "seed": self.config.seed,
+               "noise_seeds": {"train": self.train_seed, "eval": self.eval_seed}, "rows": self.rows}
+    path = self.workdir / "results.json"
+    _write_json(path, results)
+    errors = draw_pictures(self.workdir, self.pictures, self.rows, picture_nfe)
+    if errors:
+      results["picture_errors"] = errors
+      _write_json(path, results)
+    return results
+
+
+def _json_default(value: Any) -> Any:
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+
+
+def _write_json(path: Path, value: Any) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(value, indent=2, default=_json_default))
+  os.replace(tmp, path)
+
+
+def draw_pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[dict],
+                  nfe: int | None) -> dict[str, str]:
+  """Draws the job's pictures, each on its own: a picture that fails is logged, left out and returned as
+  ``{file name: error}``, and the others are still drawn (the results are on disk before this runs).
+
+  Images [N, H, W, C]: one comparison grid, ``samples.png``. Points of any other shape: one picture per row of
+  ``grid_rows``, ``samples_<row>.png``, all in one frame fitted on the reference (a PCA projection for D > 2, a
+  histogram for D = 1; ``viz.save_samples_picture``). Then ``rmse_bars.png``: each solver's RMSE at ``nfe`` per
+  method.
+  """
+  from mteo_jax import viz  # noqa: PLC0415 (matplotlib is slow to import)
+  errors: dict[str, str] = {}
+
+  def attempt(name: str, draw: Callable[[], Any]) -> Any:
+    try:
+      return draw()
+    except Exception as error:  # noqa: BLE001  (a picture must never cost the computed results)
+      logging.warning("picture %s not drawn: %s: %s", name, type(error).__name__, error)
+      errors[name] = f"{type(error).__name__}: {error}"
+      return None
+
+  reference = grid_rows["reference"]
+  label = f"NFE {nfe}" if nfe is not None else "few steps"
+  kind = attempt("samples", lambda: viz.picture_kind(np.shape(reference)))
+  if kind == "images":
+    attempt("samples.png", lambda: viz.save_comparison_grid(
+        grid_rows, workdir / "samples.png", title=f"held-out noise, {label}: reference vs base solver vs methods"))
+  elif kind is not None:
+    # One frame for every panel; should fitting it fail, each panel fits its own.
+    view = attempt("samples (shared frame)", lambda: viz.point_view(reference, *grid_rows.values()))
+    for name, points in grid_rows.items():
+      file_name = f"samples_{name.replace(' + ', '_').replace(' ', '_')}.png"
+      attempt(file_name, lambda name=name, points=points, file_name=file_name: viz.save_samples_picture(
+          points, workdir / file_name, reference=None if name == "reference" else reference, view=view,
+          title=f"{name}, {label}" if name != "reference" else name))
+  groups: dict[str, dict[str, float]] = {}
+  for r in rows:
+    if r["nfe"] == nfe and r["method"] not in ("teacher", "reference"):
+      groups.setdefault(r["solver"], {})["base solver" if r["method"] == "base" else f"+ {r['method'].upper()}"] = \
+          r["rmse"]
+  if groups:
+    attempt("rmse_bars.png", lambda: viz.save_grouped_bar_plot(
+        groups, workdir / "rmse_bars.png", ylabel="RMSE to reference", title=f"held-out noise, {label}"))
+  return errors
+
+
+__all__ = ["noise_seeds", "ReferenceConfig", "HarnessConfig", "Cell", "Artefact", "Evaluator", "Harness",
+           "timed_samples", "draw_pictures"]

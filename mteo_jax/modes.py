@@ -1,0 +1,184 @@
+"""The CLI's modes and their configs: every key a mode reads has its default in the config tree.
+
+A mode is a typed dataclass for the *whole* config (``mode``, ``seed``, ``overwrite`` and the mode's sections), a run
+function and an experiment identity. ``base_config(mode)`` is that dataclass's defaults as an ``ml_collections``
+``ConfigDict`` (the Flax examples' ``default.py``): a config file starts from it and overrides only what differs, so
+every documented ``--config.<section>.<key>=value`` works for every variant. ``parse`` turns a config into the typed
+dataclass, refusing unknown keys and sections the mode does not read (naming the valid ones) and checking every
+value, all before any work; ``claim_workdir`` refuses a workdir that holds another experiment unless
+``overwrite=True``.
+
+    config = modes.base_config("mteo")               # in configs/<name>.py's get_config(variant)
+    config.mteo.teacher = "pretrained:digits"
+    modes.run(config, workdir)                       # parse -> claim the workdir -> the mode's run function
+
+Adding a mode is one ``MODES.register`` call with its ``Mode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import typing
+from pathlib import Path
+from typing import Any, Callable
+
+import ml_collections
+from absl import logging
+
+from mteo_jax import config_utils, experiment, loop, train
+from mteo_jax.registry import Registry
+
+EXPERIMENT_FILE = "experiment.json"
+# Entries of a workdir that are not the result of an experiment: caches that are keyed by their content.
+_SHARED_ENTRIES = frozenset({EXPERIMENT_FILE, "references"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+  """A mode of the CLI.
+
+  Attributes:
+    name: the value of ``config.mode``.
+    config_class: a frozen dataclass for the whole config; every field has a default (nested dataclasses recurse).
+    run: ``run(typed_config, workdir: Path)``.
+    identity: ``identity(typed_config) -> dict``: what makes two runs in one workdir the same experiment (leave out
+      what may change between a run and its resumption: logging, progress, evaluation sizes, ...).
+  """
+  name: str
+  config_class: type
+  run: Callable[[Any, Path], Any]
+  identity: Callable[[Any], dict]
+
+
+MODES: Registry[Mode] = Registry("mode")
+
+
+class ConfigError(ValueError):
+  """A config (or a workdir) that cannot be run: the message names the key, what it holds and what is expected."""
+
+
+def _teacher_identity(config: train.TeacherConfig) -> dict:
+  return {"mode": "train", **loop.run_identity(config.train, {
+      "seed": config.seed, "data": config.data, "model": config.model, "precond": config.precond})}
+
+
+MODES.register("train")(Mode("train", train.TeacherConfig, train.train, _teacher_identity))
+MODES.register("mteo")(Mode("mteo", experiment.MTEOExperimentConfig, experiment.run_mteo,
+                            experiment.experiment_identity))
+
+
+# --- defaults --------------------------------------------------------------------------------------------------------
+
+def defaults(cls: type) -> dict:
+  """The defaults of a config dataclass as a nested dict (nested dataclass fields recurse by their type)."""
+  hints = typing.get_type_hints(cls)
+  tree = {}
+  for field in dataclasses.fields(cls):
+    if not field.init:
+      continue
+    kind = hints[field.name]
+    if dataclasses.is_dataclass(kind) and field.default is dataclasses.MISSING:
+      tree[field.name] = defaults(kind)
+    elif field.default is not dataclasses.MISSING:
+      tree[field.name] = config_utils.to_plain(field.default) if dataclasses.is_dataclass(field.default) \
+          else field.default
+    elif field.default_factory is not dataclasses.MISSING:
+      tree[field.name] = config_utils.to_plain(field.default_factory())
+    else:
+      raise TypeError(f"{cls.__name__}.{field.name} has no default; every config key needs one")
+  return tree
+
+
+def base_config(mode: str) -> ml_collections.ConfigDict:
+  """Every key that ``mode`` reads, with its default: the config a config file starts from."""
+  spec = _get_mode(mode)
+  config = ml_collections.ConfigDict(defaults(spec.config_class))
+  config.mode = mode
+  return config
+
+
+def model_config(backbone: str, **kwargs: Any) -> ml_collections.ConfigDict:
+  """``{"backbone": name, "kwargs": {...}}`` holding every option of the backbone's module with its default, updated
+  with ``kwargs``, so that each option can be overridden from the command line."""
+  from mteo_jax.nets.backbone import BACKBONES  # noqa: PLC0415
+  module = BACKBONES.get(backbone)
+  options = {f.name: f.default for f in dataclasses.fields(module)
+             if f.name not in ("parent", "name") and f.default is not dataclasses.MISSING}
+  unknown = sorted(set(kwargs) - {f.name for f in dataclasses.fields(module)})
+  if unknown:
+    raise ValueError(f"unknown option(s) {unknown} of backbone {backbone!r}; its options: {sorted(options)}")
+  options.update(kwargs)
+  return ml_collections.ConfigDict({"backbone": backbone, "kwargs": options})
+
+
+# --- parsing and the workdir -----------------------------------------------------------------------------------------
+
+def _get_mode(name: Any) -> Mode:
+  try:
+    return MODES.get(name)
+  except KeyError as error:
+    raise ConfigError(error.args[0]) from None
+
+
+def parse(config: ml_collections.ConfigDict | dict) -> tuple[Mode, Any]:
+  """``(mode, typed config)``; every key and value checked (unknown keys, sections the mode does not read, types,
+  ranges, names of solvers, schedules, backbones, datasets, teachers), before any work."""
+  plain = config_utils.to_plain(config)
+  if "mode" not in plain:
+    raise ConfigError(f"the config has no 'mode'; expected one of {MODES.names()}")
+  spec = _get_mode(plain["mode"])
+  valid = [f.name for f in dataclasses.fields(spec.config_class) if f.init]
+  unread = sorted(set(plain) - set(valid))
+  if unread:
+    raise ConfigError(f"mode {spec.name!r} does not read the config key(s) {unread}; its keys are {sorted(valid)} "
+                      f"(start the config from modes.base_config({spec.name!r}))")
+  try:
+    return spec, config_utils.from_dict(spec.config_class, plain, where="config")
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    message = error.args[0] if error.args else repr(error)
+    raise ConfigError(f"invalid config for mode {spec.name!r}: {message}") from None
+
+
+def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool = False) -> None:
+  """Marks ``workdir`` as holding the experiment ``identity`` (``experiment.json``).
+
+  A workdir that holds results of another experiment is refused, naming the settings that differ, unless
+  ``overwrite``: then those results (everything but the content-keyed ``references/`` cache) are deleted first. A
+  workdir of the same experiment is resumed; one without results is simply claimed. A non-empty directory without
+  ``experiment.json`` is refused whatever ``overwrite`` says: nothing that this library did not write is deleted.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  marker = workdir / EXPERIMENT_FILE
+  identity = config_utils.to_plain(identity)
+  held = [p for p in workdir.iterdir() if p.name not in _SHARED_ENTRIES]
+  if marker.exists() and held:
+    try:
+      stored = json.loads(marker.read_text())
+    except ValueError:
+      stored = {"<unreadable experiment.json>": True}
+    if stored != identity:
+      if not overwrite:
+        raise ConfigError(f"{workdir} holds another experiment ({loop.describe_differences(stored, identity)}); use "
+                         "another workdir, rerun with the settings it was made with, or pass --config.overwrite=True "
+                         "to delete its results and start again")
+      logging.warning("overwrite=True: deleting the results of another experiment in %s: %s", workdir,
+                      sorted(p.name for p in held))
+      for path in held:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+  elif held and not marker.exists():
+    raise ConfigError(f"{workdir} is not empty ({sorted(p.name for p in held)[:5]}) and holds no {EXPERIMENT_FILE} of "
+                     "this library, so nothing in it is deleted or overwritten; use an empty or new workdir")
+  tmp = marker.with_name(f".{marker.name}.tmp")
+  tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+  os.replace(tmp, marker)
+
+
+def run(config: ml_collections.ConfigDict | dict, workdir: str | os.PathLike) -> Any:
+  """Parses and checks ``config``, claims ``workdir``, then runs ``config.mode`` in it; returns the mode's result."""
+  spec, typed = parse(config)
+  claim_workdir(workdir, spec.identity(typed), overwrite=typed.overwrite)
+  return spec.run(typed, Path(workdir))

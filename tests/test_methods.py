@@ -1,0 +1,121 @@
+"""Adding a method to the harness, as README shows: one class (here in the test file) with ``fit`` and ``sampler``,
+trained through ``loop.fit`` on the harness's training references, scored beside the plain solver and MTEO on the
+same held-out noise."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mteo_jax import Teacher, harness, loop, methods, mteo
+from mteo_jax.harness import Artefact
+from mteo_jax.methods import METHODS, Method
+
+
+class TimeShift(Method):
+  """A per-evaluation shift of the noise level the network is told, ``sigma_i * exp(delta_i)`` (LD3's decoupled time
+  shift, without the schedule), learned by matching the reference's final state from the same noise."""
+
+  name = "time_shift"
+
+  def __init__(self, settings: loop.LoopConfig = loop.LoopConfig(steps=60, lr=5e-2, batch_size=16, log_every=10,
+                                                                 checkpoint_every=30)):
+    self.settings = settings
+
+  @staticmethod
+  def _sample(teacher, cell):
+    eval_sigmas = jnp.asarray(cell.solver.eval_sigmas(cell.sigmas))
+
+    def sample(shift, x_T, label):
+      table = teacher.backbone.time_embedding(teacher.params, teacher.precond.c_noise(eval_sigmas * jnp.exp(shift)))
+      return mteo.student_sample(cell.solver, teacher.backbone, teacher.params, teacher.precond, table, x_T,
+                                 cell.sigmas, label)
+
+    return sample
+
+  def fit(self, h: harness.Harness, cell: harness.Cell) -> Artefact:
+    sample = self._sample(h.teacher, cell)
+
+    def objective(shift, params, batch):
+      del params  # the teacher's parameters reach the sampler through the closure; they are not trained
+      return jnp.mean((sample(shift, batch["x_T"], batch.get("label")) - batch["ref"][:, -1]) ** 2)
+
+    task = loop.ArrayTask(jnp.zeros((cell.nfe,), jnp.float32), objective, h.train_data(cell),
+                          batch_size=self.settings.batch_size, seed=h.train_seed)
+    result = loop.fit(task, self.settings, h.run_dir(self.name, cell), seed=h.train_seed,
+                      identity={"teacher": h.teacher.identity, "cell": cell.tag}, desc="time shift")
+    steps, losses = result.losses
+    return Artefact(self.name, cell, payload=(result.state.params, sample), train_seconds=result.train_seconds,
+                    curves={"loss_curve": {"step": steps, "loss": losses}})
+
+  def sampler(self, artefact: Artefact):
+    shift, sample = artefact.payload
+    run = jax.jit(sample)
+    return lambda x_T, label: run(shift, x_T, label)
+
+
+@pytest.fixture(scope="module")
+def gmm_teacher():
+  return Teacher.load("pretrained:gmm")
+
+
+def test_a_method_in_one_file_runs_on_the_harness(gmm_teacher, tmp_path):
+  """README's five harness lines with a new method beside the plain solver and MTEO: every method gets a row from
+  the same held-out noise, the learned ones beat the plain solver, and results.json holds their curves."""
+  METHODS.register(TimeShift.name)(TimeShift)
+  try:
+    method = methods.get_method("time_shift")
+    h = harness.Harness(gmm_teacher, tmp_path, harness.HarnessConfig(num_train=128, num_eval=128, teacher_steps=5,
+                                                                      grid_size=64, progress=False))
+    cells = h.cells(solvers=("euler",), nfes=(3,))
+    h.teacher_row()
+    mteo_settings = methods.MTEOSettings(steps=40, batch_size=16, log_every=10, eval_every=0, progress=False)
+    rows = h.run([methods.BaseSolver(), methods.MTEO(mteo_settings), method], cells)
+    results = h.write_results()
+  finally:
+    METHODS._entries.pop(TimeShift.name)
+  by_method = {r["method"]: r for r in rows}
+  assert list(by_method) == ["base", "mteo", "time_shift"]
+  assert by_method["time_shift"]["rmse"] < 0.9 * by_method["base"]["rmse"], by_method
+  assert by_method["mteo"]["rmse"] < 0.9 * by_method["base"]["rmse"], by_method
+  assert by_method["time_shift"]["train_seconds"] > 0 and by_method["base"]["train_seconds"] == 0
+  stored = json.loads((tmp_path / "results.json").read_text())
+  assert [r["method"] for r in stored["rows"]] == ["teacher", "base", "mteo", "time_shift"] == \
+      [r["method"] for r in results["rows"]]
+  assert stored["rows"][-1]["loss_curve"]["step"][-1] == 60
+  assert (tmp_path / "time_shift" / "euler_nfe3" / "metrics.jsonl").exists()
+  # The training noise was solved once, for all three methods: one reference file for it, one for the held-out noise.
+  assert len(list((tmp_path / "references").glob("reference-*.npz"))) == 2
+  # Every picture names its method.
+  assert {"samples_euler.png", "samples_euler_MTEO.png", "samples_euler_TIME_SHIFT.png"} <= \
+      {p.name for p in tmp_path.iterdir()}
+
+
+def test_unknown_method_lists_the_registered_ones():
+  """``get_method`` of a misspelt name says which methods exist."""
+  with pytest.raises(KeyError, match=r"unknown method 'mteoo'; expected one of \[.*'base'.*'mteo'.*\]") as error:
+    methods.get_method("mteoo")
+  assert all(repr(name) in str(error.value) for name in METHODS.names())
+  assert isinstance(methods.get_method("base"), methods.BaseSolver)
+  assert methods.get_method("mteo", methods.MTEOSettings(steps=5)).settings.steps == 5
+  assert {"base", "mteo"} <= set(METHODS.names())
+
+
+def test_the_harness_knows_the_reference_solvers_without_importing_diffrax():
+  """The config check's list of reference solvers is the reference module's registry, and a config is checked
+  without importing diffrax (which takes a second of a 2-second config error)."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+
+  from mteo_jax.reference import REFERENCE_SOLVERS  # noqa: PLC0415
+  assert tuple(REFERENCE_SOLVERS.names()) == harness.REFERENCE_SOLVER_NAMES
+  with pytest.raises(KeyError, match="unknown reference solver 'rk4'"):
+    harness.ReferenceConfig(solver="rk4")
+  probe = ("import sys; from mteo_jax import modes; c = modes.base_config('mteo'); c.mteo.teacher = 'pretrained:gmm'; "
+           "modes.parse(c); print(sorted(m for m in ('diffrax', 'orbax', 'matplotlib') if m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                       env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.stdout.strip() == "[]", out.stdout
