@@ -51,18 +51,57 @@ def validate_sigmas(sigmas, dtype=None, *, dtype_reason: str = "the dtype asked 
   Raises:
     ValueError: naming the first bad entry.
   """
+  return _validate_grid(sigmas, None, dtype, dtype_reason)
+
+
+def validate_per_sample_sigmas(sigmas, batch: int | None = None, dtype=None, *,
+                               dtype_reason: str = "the dtype asked for") -> jax.Array:
+  """``validate_sigmas`` for one grid per sample: ``sigmas`` [B, num_steps + 1], every row a valid grid.
+
+  Args:
+    sigmas: [B, N + 1], row b the noise levels of sample b; any float (or integer) dtype, host or device array.
+    batch: when given, the number of rows ``B`` must equal it (the batch of the state the grid belongs to).
+    dtype, dtype_reason: as in ``validate_sigmas``.
+  Returns:
+    ``sigmas`` as a float array [B, N + 1] (in ``dtype``, when given).
+  Raises:
+    ValueError: for a shape other than [batch, >= 2], or (concrete values only) naming the first bad entry by row and
+      column, e.g. ``sigmas[3, 2] = 0.5 <= sigmas[3, 3] = 0.7``; all rows share N by construction.
+  """
+  return _validate_grid(sigmas, batch, dtype, dtype_reason, per_sample=True)
+
+
+def _grid_shape_error(shape: tuple[int, ...], per_sample: bool, batch: int | None) -> str | None:
+  """Why ``shape`` is not that of a grid ([N + 1], or [batch, N + 1] when ``per_sample``), or None when it is."""
+  if not per_sample:
+    if len(shape) != 1:
+      return f"sigmas must be a 1-D array [num_steps + 1] (sigma_max ... sigma_min), got shape {shape}"
+    if shape[0] < 2:
+      return f"sigmas must hold at least 2 noise levels (sigma_max ... sigma_min), got {shape[0]}"
+    return None
+  if len(shape) != 2:
+    return f"per-sample sigmas must be a 2-D array [B, num_steps + 1] (one grid per sample), got shape {shape}"
+  if shape[1] < 2:
+    return f"per-sample sigmas must hold at least 2 noise levels in each row (sigma_max ... sigma_min), got {shape[1]}"
+  if batch is not None and shape[0] != batch:
+    return (f"per-sample sigmas have {shape[0]} rows (shape {shape}) but the batch has {batch} samples; need one row "
+            "per sample")
+  return None
+
+
+def _validate_grid(sigmas, batch: int | None, dtype, dtype_reason: str, *, per_sample: bool = False) -> jax.Array:
+  """``validate_sigmas`` (``per_sample=False``) and ``validate_per_sample_sigmas`` (``per_sample=True``)."""
   given = None
   if is_concrete(sigmas) and not isinstance(sigmas, jax.Array):
     given = np.asarray(sigmas)
     if given.dtype.kind in "biu":
       given = given.astype(np.float64)
-    if given.dtype.kind == "f" and given.ndim == 1 and given.shape[0] >= 2:
+    if given.dtype.kind == "f" and _grid_shape_error(given.shape, per_sample, batch) is None:
       _check_sigma_values(given)
   sigmas = _as_float_array(sigmas, "sigmas")
-  if sigmas.ndim != 1:
-    raise ValueError(f"sigmas must be a 1-D array [num_steps + 1] (sigma_max ... sigma_min), got shape {sigmas.shape}")
-  if sigmas.shape[0] < 2:
-    raise ValueError(f"sigmas must hold at least 2 noise levels (sigma_max ... sigma_min), got {sigmas.shape[0]}")
+  shape_error = _grid_shape_error(tuple(sigmas.shape), per_sample, batch)
+  if shape_error is not None:
+    raise ValueError(shape_error)
   reason = f"the dtype JAX gives them (jax_enable_x64 is {'on' if jax.config.jax_enable_x64 else 'off'})"
   if is_concrete(sigmas) and given is None:
     _check_sigma_values(np.asarray(sigmas))   # in the dtype they came in
@@ -80,24 +119,27 @@ def validate_sigmas(sigmas, dtype=None, *, dtype_reason: str = "the dtype asked 
 
 
 def _check_sigma_values(values: np.ndarray) -> None:
-  """Raises ValueError naming the first entry of ``values`` [S] that is not finite, not a normal number > 0, or not
-  below its predecessor."""
-  bad = np.flatnonzero(~np.isfinite(values))
-  if bad.size:
-    raise ValueError(f"sigmas must be finite, but sigmas[{bad[0]}] = {values[bad[0]]}")
-  bad = np.flatnonzero(values <= 0)
-  if bad.size:
-    raise ValueError(f"sigmas must all be > 0, but sigmas[{bad[0]}] = {values[bad[0]]}")
+  """Raises ValueError naming the first entry of ``values`` ([S], or [B, S] with one grid per row) that is not
+  finite, not a normal number > 0, or not below its predecessor in its row."""
+  def entry(index) -> str:
+    index = tuple(int(i) for i in index)
+    return f"sigmas[{', '.join(map(str, index))}] = {values[index]}"
+
+  def first(mask):
+    bad = np.argwhere(mask)
+    return tuple(bad[0]) if bad.size else None
+
+  if (index := first(~np.isfinite(values))) is not None:
+    raise ValueError(f"sigmas must be finite, but {entry(index)}")
+  if (index := first(values <= 0)) is not None:
+    raise ValueError(f"sigmas must all be > 0, but {entry(index)}")
   tiny = float(jnp.finfo(values.dtype).tiny)
-  bad = np.flatnonzero(values < tiny)
-  if bad.size:
-    raise ValueError(f"sigmas[{bad[0]}] = {values[bad[0]]} is below the smallest normal {values.dtype.name} "
+  if (index := first(values < tiny)) is not None:
+    raise ValueError(f"{entry(index)} is below the smallest normal {values.dtype.name} "
                      f"({tiny:.3g}); XLA flushes such values to 0 on CPU (log sigma = -inf)")
-  bad = np.flatnonzero(values[1:] >= values[:-1])
-  if bad.size:
-    i = bad[0]
-    raise ValueError(f"sigmas must be strictly decreasing, but sigmas[{i}] = {values[i]} <= sigmas[{i + 1}] = "
-                     f"{values[i + 1]}")
+  if (index := first(values[..., 1:] >= values[..., :-1])) is not None:
+    following = index[:-1] + (index[-1] + 1,)
+    raise ValueError(f"sigmas must be strictly decreasing, but {entry(index)} <= {entry(following)}")
 
 
 def check_num_steps(num_steps) -> int:

@@ -2,7 +2,8 @@
 
 Registered names: ``euler``, ``heun``, ``dpmpp_2m``, ``dpmpp_3m``, ``unipc``, ``ipndm``, ``deis``. Every solver has
 ``name``, ``order``, ``nfe(num_steps)``, ``num_steps_for_nfe(nfe)``, ``eval_sigmas(sigmas)`` and
-``sample(denoiser, x_T, sigmas, *, temb_table=None, return_trajectory=False, remat=None)``.
+``sample(denoiser, x_T, sigmas, *, temb_table=None, return_trajectory=False, remat=None)``. ``sigmas`` is one grid
+[N + 1] for the batch or one grid per sample [B, N + 1] (instance-aware schedules).
 """
 
 from __future__ import annotations

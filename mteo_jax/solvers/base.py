@@ -7,6 +7,12 @@ UniPC) are written in that form.
 
 The loop over steps is unrolled in Python: the number of steps is static (it is the length of ``sigmas``), every step
 may have its own static order (warm-up, lower order at the end), and each step can be wrapped in ``jax.checkpoint``.
+
+The grid is shared by the batch (``sigmas`` [N + 1]) or given per sample (``sigmas`` [B, N + 1], e.g. predicted for
+each sample by an instance-aware schedule). A per-sample grid is laid out once as ``[N + 1, B, 1, ..., 1]`` (see
+``per_sample_layout``), so that ``sigmas[i]`` broadcasts against the state ``[B, ...]``: every step and update formula
+is elementwise in the noise levels and runs unchanged on scalars or on such per-sample columns, and the denoiser gets
+each sample's own ``sigma`` [B].
 """
 
 from __future__ import annotations
@@ -23,10 +29,10 @@ import numpy as np
 
 from mteo_jax.diffusion import coefficient_dtype
 from mteo_jax.registry import Registry
-from mteo_jax.schedules import check_num_steps, validate_sigmas
+from mteo_jax.schedules import check_num_steps, validate_per_sample_sigmas, validate_sigmas
 
-# ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``); kept as a plain callable here so that the
-# solvers depend on no network code and run on closed-form denoisers.
+# ``D(x, sigma, temb=None) -> x0_hat`` (see ``mteo_jax.nets.Denoiser``), ``sigma`` a scalar or per-sample [B]; kept as
+# a plain callable here so that the solvers depend on no network code and run on closed-form denoisers.
 Denoiser = Callable[..., jax.Array]
 TembTable = Any  # a pytree whose every leaf has leading axis nfe; row i feeds network evaluation i
 Evaluate = Callable[[int, jax.Array], jax.Array]  # (index of the evaluation within the step, x) -> x0_hat
@@ -79,11 +85,21 @@ class Solver(abc.ABC):
                      f"{' or '.join(nearest)}")
 
   def eval_sigmas(self, sigmas: jax.Array) -> jax.Array:
-    """``[nfe]``: the noise level of each denoiser call, in call order (MTEO table row i is initialised there)."""
-    sigmas = validate_sigmas(sigmas)
-    num_steps = sigmas.shape[0] - 1
+    """The noise level of each denoiser call, in call order (MTEO table row i is initialised there).
+
+    Args:
+      sigmas: a shared grid [N + 1] or per-sample grids [B, N + 1], validated as in ``sample`` (in their own dtype).
+    Returns:
+      [nfe(N)] for a shared grid, [B, nfe(N)] for per-sample grids (row b: sample b's calls), in the grid's dtype.
+    Raises:
+      ValueError: for a grid of another rank or an invalid entry (see ``validate_grid``).
+    """
+    sigmas = validate_grid(sigmas)
+    num_steps = sigmas.shape[-1] - 1
     index = [i + offset for i in range(num_steps) for offset in self._step_eval_offsets(i, num_steps)]
-    return sigmas[jnp.asarray(index)]
+    if sigmas.ndim == 1:
+      return sigmas[jnp.asarray(index)]
+    return sigmas[:, jnp.asarray(index)]
 
   # --- sampling -----------------------------------------------------------------------------------------------------
 
@@ -97,6 +113,8 @@ class Solver(abc.ABC):
             sigmas: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
     """One step from ``sigmas[step]`` to ``sigmas[step + 1]``.
 
+    ``sigmas``: the shared grid [N + 1], or per-sample grids in the layout [N + 1, B, 1, ..., 1] (``sigmas[i]``
+    broadcasts against ``x``); a step must use the noise levels only elementwise so that both work.
     ``evaluate(j, x)`` makes the step's j-th denoiser call (at ``sigmas[step + offsets[j]]``, with its table row).
     Returns ``(x_next, carry, x_here)``: the state at the next noise level, the new carry, and the final value of the
     state at ``sigmas[step]`` (differs from the input only for predictor-corrector methods).
@@ -104,29 +122,43 @@ class Solver(abc.ABC):
 
   def sample(self, denoiser: Denoiser, x_T: jax.Array, sigmas: jax.Array, *, temb_table: TembTable | None = None,
              return_trajectory: bool = False, remat: bool | None = None):
-    """Integrates the PF-ODE from ``x_T`` at ``sigmas[0]`` to ``sigmas[-1]``.
+    """Integrates the PF-ODE from ``x_T`` at ``sigmas[0]`` to ``sigmas[-1]`` (each sample along its own row of a
+    per-sample grid).
 
     Args:
-      denoiser: ``D(x, sigma, temb=None) -> x0_hat`` with ``sigma`` a scalar.
+      denoiser: ``D(x, sigma, temb=None) -> x0_hat`` with ``sigma`` a scalar (shared grid) or [B] (per-sample grid:
+        entry b is sample b's noise level, at every call, the extra calls of Heun and UniPC's corrector included).
       x_T: the initial state at ``sigmas[0]`` (any shape the denoiser accepts, e.g. [B, ...]), any floating dtype;
         the states and the result keep it.
-      sigmas: [N + 1] strictly decreasing noise levels, > 0. The grid and every step coefficient are computed in
-        ``coefficient_dtype(x_T.dtype)`` (float32 for a bfloat16 or float16 state, else the state's dtype), and the
-        grid is validated in that dtype: a ValueError names an entry that collapses or underflows when cast.
+      sigmas: [N + 1] strictly decreasing noise levels, > 0, shared by the batch; or [B, N + 1] with
+        ``B = x_T.shape[0]``, row b the grid of sample b, each row such a grid (the step count N is common to all).
+        The grid and every step coefficient are computed in ``coefficient_dtype(x_T.dtype)`` (float32 for a bfloat16
+        or float16 state, else the state's dtype), and the grid is validated in that dtype: a ValueError names an
+        entry (``sigmas[i]``, or ``sigmas[b, i]`` per sample) that collapses or underflows when cast. Per-sample
+        coefficients (step ratios, DPM-Solver++'s and UniPC's ``h`` and ``r``, DEIS's integrals) are computed per
+        row and broadcast over the data axes.
       temb_table: None, or a pytree whose leaves have leading axis ``nfe(N)``; denoiser call i receives
-        ``temb = jax.tree.map(lambda t: t[i], temb_table)``.
-      return_trajectory: also return the states at every entry of ``sigmas``, [N + 1, *x_T.shape].
+        ``temb = jax.tree.map(lambda t: t[i], temb_table)``: one row per network evaluation, with or without a
+        per-sample grid (a leaf may carry its own batch axis, [nfe, B, D], when the denoiser accepts [B, D]).
+      return_trajectory: also return the states at every grid point, [N + 1, *x_T.shape] (state i at
+        ``sigmas[i]``, or at ``sigmas[:, i]`` per sample).
       remat: overrides the solver's ``remat`` for this call.
     Returns:
-      ``x`` at ``sigmas[-1]``, or ``(x, states)`` when ``return_trajectory``.
+      ``x`` at ``sigmas[-1]`` (``sigmas[:, -1]``), or ``(x, states)`` when ``return_trajectory``.
+    Raises:
+      TypeError: for a non-floating ``x_T`` or a non-bool ``remat``.
+      ValueError: for an invalid grid (see ``validate_grid``; values are checked only when concrete, shapes always),
+        a ``temb_table`` without ``nfe(N)`` rows, or a denoiser output of another shape than its input.
     """
     x_T = jnp.asarray(x_T)
     if not jnp.issubdtype(x_T.dtype, jnp.floating):
       raise TypeError(f"x_T must be a floating-point array, got dtype {x_T.dtype}")
     state_dtype = x_T.dtype
-    sigmas = validate_sigmas(sigmas, coefficient_dtype(state_dtype), dtype_reason=(
+    sigmas = validate_grid(sigmas, x_T.shape, coefficient_dtype(state_dtype), dtype_reason=(
         f"the dtype in which the solver computes its grid and coefficients for a {np.dtype(state_dtype).name} state"))
-    num_steps = sigmas.shape[0] - 1
+    num_steps = sigmas.shape[-1] - 1
+    if sigmas.ndim == 2:
+      sigmas = per_sample_layout(sigmas, x_T.ndim)
     check_temb_table(temb_table, self.nfe(num_steps), f"{self.name!r} with {num_steps} steps")
     use_remat = self.remat if remat is None else remat
     check_bool("remat", use_remat)
@@ -155,6 +187,8 @@ class Solver(abc.ABC):
     def step_fn(x, carry, sigmas, rows):
       def evaluate(j: int, x_eval: jax.Array) -> jax.Array:
         sigma = sigmas[step + offsets[j]]
+        if sigma.ndim:  # a per-sample column [B, 1, ..., 1]: the denoiser takes [B]
+          sigma = sigma.reshape(sigma.shape[:1])
         x0_hat = denoiser(x_eval, sigma) if rows is None else denoiser(x_eval, sigma, temb=rows[j])
         if jnp.shape(x0_hat) != x_eval.shape:
           raise ValueError(f"the denoiser returned shape {jnp.shape(x0_hat)} for an input of shape {x_eval.shape}; "
@@ -166,6 +200,44 @@ class Solver(abc.ABC):
 
 
 # --- shared helpers -------------------------------------------------------------------------------------------------
+
+def validate_grid(sigmas, state_shape: tuple[int, ...] | None = None, dtype=None, *,
+                  dtype_reason: str = "the dtype asked for") -> jax.Array:
+  """A solver's grid: ``sigmas`` [N + 1] (``validate_sigmas``) or [B, N + 1] (``validate_per_sample_sigmas``).
+
+  Args:
+    sigmas: the grid, host or device, concrete or traced (then only its shape is checked).
+    state_shape: when given, the shape of the state; a per-sample grid must then have ``state_shape[0]`` rows.
+    dtype, dtype_reason: the dtype the grid is returned (and validated) in, and why (see ``validate_sigmas``).
+  Returns:
+    The grid as a float array of the same shape.
+  Raises:
+    ValueError: for a grid of rank other than 1 or 2, a per-sample grid with the wrong number of rows (or a state
+      without a batch axis), or an invalid entry, named ``sigmas[i]`` or ``sigmas[b, i]``.
+  """
+  ndim = np.ndim(sigmas)
+  if ndim == 1:
+    return validate_sigmas(sigmas, dtype, dtype_reason=dtype_reason)
+  if ndim != 2:
+    raise ValueError(f"sigmas must be [num_steps + 1] (one grid for the batch) or [B, num_steps + 1] (one grid per "
+                     f"sample), got shape {np.shape(sigmas)}")
+  batch = None
+  if state_shape is not None:
+    if len(state_shape) == 0:
+      raise ValueError(f"per-sample sigmas (shape {np.shape(sigmas)}) need a state with a leading batch axis, got "
+                       "a scalar x_T")
+    batch = state_shape[0]
+  return validate_per_sample_sigmas(sigmas, batch, dtype, dtype_reason=dtype_reason)
+
+
+def per_sample_layout(sigmas: jax.Array, state_ndim: int) -> jax.Array:
+  """Per-sample grids [B, N + 1] as [N + 1, B, 1, ..., 1] (``state_ndim - 1`` trailing ones): ``layout[i]`` is the
+  column of noise levels at grid point i, shaped to broadcast against a state [B, ...]."""
+  if sigmas.ndim != 2 or state_ndim < 1:
+    raise ValueError(f"need per-sample sigmas [B, N + 1] and a state with a batch axis, got shape {sigmas.shape} "
+                     f"and a state of rank {state_ndim}")
+  return jnp.transpose(sigmas).reshape(sigmas.shape[::-1] + (1,) * (state_ndim - 1))
+
 
 def jit_when_eager(*, static_argnames: tuple[str, ...]):
   """Decorator for the update formulas: one compiled program per call on concrete arrays, a plain call otherwise.

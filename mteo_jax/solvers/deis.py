@@ -33,15 +33,26 @@ _GL_NODES, _GL_WEIGHTS = np.polynomial.legendre.leggauss(QUADRATURE_NODES)
 
 def deis_coefficients(sigma_next: jax.Array, sigmas_hist: Sequence[jax.Array], order: int, beta_d: float = 19.9,
                       beta_min: float = 0.1) -> list[jax.Array]:
-  """``C_j = int_{sigmas_hist[0]}^{sigma_next} L_j(t(sigma)) dsigma`` for j < order (nodes ``t(sigmas_hist[j])``)."""
+  """``C_j = int_{sigmas_hist[0]}^{sigma_next} L_j(t(sigma)) dsigma`` for j < order (nodes ``t(sigmas_hist[j])``).
+
+  The noise levels are scalars or arrays of one shape (e.g. per-sample columns [B, 1, ..., 1]); each ``C_j`` has that
+  shape, one integral per element (the quadrature nodes run along a trailing axis that is summed out).
+  """
   if len(sigmas_hist) < order:
     raise ValueError(f"order {order} needs {order} history noise levels, got {len(sigmas_hist)}")
   sigma = sigmas_hist[0]
   dtype = jnp.result_type(sigma)
   if order == 1:
     return [sigma_next - sigma]
-  t_nodes = [vp_sigma_to_t(s, beta_d, beta_min) for s in sigmas_hist[:order]]
-  u_from, u_to = jnp.log(sigma), jnp.log(sigma_next)
+  # Array noise levels get a trailing quadrature axis ([..., 1] against the nodes). Scalars are left as they are: the
+  # same values either way, but the scalar form keeps the shared grid's gradients bit for bit what they were.
+  per_element = jnp.ndim(sigma) > 0 or jnp.ndim(sigma_next) > 0
+
+  def levels(value):
+    return value[..., None] if per_element else value
+
+  t_nodes = [levels(vp_sigma_to_t(s, beta_d, beta_min)) for s in sigmas_hist[:order]]
+  u_from, u_to = levels(jnp.log(sigma)), levels(jnp.log(sigma_next))
   half = 0.5 * (u_to - u_from)
   u = 0.5 * (u_to + u_from) + half * jnp.asarray(_GL_NODES, dtype)
   sigma_q = jnp.exp(u)
@@ -53,14 +64,18 @@ def deis_coefficients(sigma_next: jax.Array, sigmas_hist: Sequence[jax.Array], o
     for k in range(order):
       if k != j:
         basis = basis * (t_q - t_nodes[k]) / (t_nodes[j] - t_nodes[k])
-    coefficients.append(jnp.sum(weights * basis))
+    coefficients.append(jnp.sum(weights * basis, axis=-1))
   return coefficients
 
 
 @jit_when_eager(static_argnames=("order", "beta_d", "beta_min"))
 def deis_update(x: jax.Array, sigma_next: jax.Array, sigmas_hist: Sequence[jax.Array], eps_hist: Sequence[jax.Array],
                 order: int, beta_d: float = 19.9, beta_min: float = 0.1) -> jax.Array:
-  """One DEIS-tAB step from ``sigmas_hist[0]`` to ``sigma_next``; ``eps_hist``: ``(x - D)/sigma``, most recent first."""
+  """One DEIS-tAB step from ``sigmas_hist[0]`` to ``sigma_next``; ``eps_hist``: ``(x - D)/sigma``, most recent first.
+
+  Noise levels are scalars, or per-sample columns [B, 1, ..., 1] that broadcast against ``x`` [B, ...] (then every
+  coefficient ``C_j`` is per sample; see ``deis_coefficients``).
+  """
   if order not in (1, 2, 3):
     raise ValueError(f"DEIS-tAB supports orders 1, 2, 3; got {order}")
   if len(eps_hist) < order:

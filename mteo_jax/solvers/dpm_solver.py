@@ -29,7 +29,9 @@ def dpmpp_update(x: jax.Array, sigma_next: jax.Array, sigmas_hist: Sequence[jax.
                  x0_hist: Sequence[jax.Array], order: int, taylor_third_order: bool = False) -> jax.Array:
   """One DPM-Solver++ multistep update from ``sigmas_hist[0]`` to ``sigma_next``.
 
-  ``sigmas_hist`` / ``x0_hist``: the last ``order`` noise levels and denoiser outputs, most recent first.
+  ``sigmas_hist`` / ``x0_hist``: the last ``order`` noise levels and denoiser outputs, most recent first. Noise levels
+  are scalars, or per-sample columns [B, 1, ..., 1] that broadcast against ``x`` [B, ...] (then ``h`` and the ratios
+  ``r`` are per sample).
   ``taylor_third_order``: weight the second difference by ``2 h phi_3`` instead of ``h phi_3`` (order 3 only; see
   ``DPMSolverPP``).
   """

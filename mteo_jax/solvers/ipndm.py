@@ -27,7 +27,10 @@ ADAMS_BASHFORTH = {
 @jit_when_eager(static_argnames=("order",))
 def ipndm_update(x: jax.Array, sigma: jax.Array, sigma_next: jax.Array, d_hist: Sequence[jax.Array],
                  order: int) -> jax.Array:
-  """``x + (sigma_next - sigma) sum_j c_j d_hist[j]`` with the order-``order`` Adams-Bashforth weights."""
+  """``x + (sigma_next - sigma) sum_j c_j d_hist[j]`` with the order-``order`` Adams-Bashforth weights.
+
+  ``sigma``, ``sigma_next``: scalars, or per-sample columns [B, 1, ..., 1] that broadcast against ``x`` [B, ...].
+  """
   if order not in ADAMS_BASHFORTH:
     raise ValueError(f"iPNDM supports orders {sorted(ADAMS_BASHFORTH)}; got {order}")
   if len(d_hist) < order:

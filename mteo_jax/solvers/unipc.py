@@ -51,7 +51,11 @@ def _check_history(name: str, order: int, sigmas_hist: Sequence[jax.Array], x0_h
 @jit_when_eager(static_argnames=("order",))
 def unip_update(x: jax.Array, sigma_next: jax.Array, sigmas_hist: Sequence[jax.Array],
                 x0_hist: Sequence[jax.Array], order: int) -> jax.Array:
-  """UniP-``order`` from ``sigmas_hist[0]`` to ``sigma_next``; histories most recent first (``order`` entries)."""
+  """UniP-``order`` from ``sigmas_hist[0]`` to ``sigma_next``; histories most recent first (``order`` entries).
+
+  Noise levels are scalars, or per-sample columns [B, 1, ..., 1] that broadcast against ``x`` [B, ...] (then ``h``,
+  ``r_k``, ``B(h)`` and the weights ``rho`` are per sample).
+  """
   _check_history("UniP", order, sigmas_hist, x0_hist)
   sigma = sigmas_hist[0]
   h = log_ratio(sigma, sigma_next)
@@ -72,6 +76,7 @@ def unic_update(x_prev: jax.Array, sigma: jax.Array, sigmas_hist: Sequence[jax.A
   """UniC-``order``: the corrected state at ``sigma`` from ``x_prev`` at ``sigmas_hist[0]``.
 
   ``x0_hist``: denoiser outputs at ``sigmas_hist`` (most recent first); ``x0_new``: the denoiser at the predicted state.
+  Noise levels are scalars or per-sample columns [B, 1, ..., 1], as in ``unip_update``.
   """
   _check_history("UniC", order, sigmas_hist, x0_hist)
   sigma_prev = sigmas_hist[0]
