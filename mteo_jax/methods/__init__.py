@@ -5,12 +5,17 @@
     artefact = method.fit(harness, cell)         # learn (or load a finished run)
     x0 = method.sampler(artefact)(x_T, label)    # sample
 
-Registered: ``base`` (the plain solver on the base schedule, nothing learned) and ``mteo`` (a table of step-wise,
-layer-wise time embeddings).
+Registered: ``base`` (the plain solver on the base schedule, nothing learned), ``mteo`` (a table of step-wise,
+layer-wise time embeddings), ``gits`` (a schedule searched by dynamic programming over a fine teacher grid), ``ld3`` (a
+learned global schedule) and ``indis`` (an instance-aware schedule: a small network predicts each sample's own).
 """
 
 from mteo_jax.methods.base import METHODS, Method, get_method
+from mteo_jax.methods.gits import GITS, GITSSettings
+from mteo_jax.methods.indis import INDIS, INDISSettings
+from mteo_jax.methods.ld3 import LD3, LD3Settings
 from mteo_jax.methods.mteo import MTEO, MTEOSettings
 from mteo_jax.methods.plain import BaseSolver
 
-__all__ = ["METHODS", "Method", "get_method", "BaseSolver", "MTEO", "MTEOSettings"]
+__all__ = ["METHODS", "Method", "get_method", "BaseSolver", "MTEO", "MTEOSettings", "GITS", "GITSSettings", "LD3",
+           "LD3Settings", "INDIS", "INDISSettings"]
