@@ -22,15 +22,22 @@ DiT teacher (Peebles & Xie 2023; 2x2 patches, 6 adaLN-Zero blocks of width 96, 1
     python -m mteo_jax.main --config=configs/digits.py:dit --workdir=/tmp/digits_dit   # 135 s on one H200 GPU
     python -m mteo_jax.main --config=configs/digits.py:mteo_dit --workdir=runs/digits_mteo_dit
 
-Variants: ``mteo``, ``mteo_full``, ``mteo_dit``, ``default``, ``cond``, ``dit``, ``tiny`` (one 8x8 level of 8
+Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and DPM-Solver++(2M):
+
+    python -m mteo_jax.main --config=configs/digits.py:compare --workdir=runs/digits_compare      # the issue's comparison
+    python -m mteo_jax.main --config=configs/digits.py:schedules --workdir=runs/digits_schedules  # NFE 3, 4 and 5
+    python -m mteo_jax.main --config=configs/digits.py:combined --workdir=runs/digits_combined    # MTEO on each schedule
+
+Variants: ``mteo``, ``mteo_full``, ``mteo_dit``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver),
+``schedules``, ``combined``, ``compare``, ``default``, ``cond``, ``dit``, ``tiny`` (one 8x8 level of 8
 channels, a few steps), ``dit_tiny``.
 """
 
 import ml_collections
 
-from mteo_jax import modes
+from mteo_jax import comparison, modes
 
-VARIANTS = ("default", "cond", "tiny", "dit", "dit_tiny", "mteo", "mteo_full", "mteo_dit")
+VARIANTS = ("default", "cond", "tiny", "dit", "dit_tiny", "mteo", "mteo_full", "mteo_dit") + comparison.COMPARE_VARIANTS
 MTEO_VARIANTS = {"mteo": "pretrained:digits", "mteo_full": "pretrained:digits", "mteo_dit": "pretrained:digits_dit"}
 
 
@@ -38,6 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/digits.py; expected one of {list(VARIANTS)}")
+  if variant in comparison.COMPARE_VARIANTS:
+    # Few-step methods side by side on the shipped UNet teacher (mteo_jax.comparison); every key has its default from
+    # modes.base_config("compare").
+    return comparison.config_for("pretrained:digits", variant)
   if variant in MTEO_VARIANTS:
     # The main job on a shipped teacher: mteo_jax/pretrained/teacher_digits (made by the default variant with
     # --config.train.steps=4000 --config.train.warmup_steps=200) or teacher_digits_dit (the dit variant). Every

@@ -13,7 +13,12 @@ MTEO main job on the shipped teacher (pretrained:fmnist; or --config.mteo.teache
     python -m mteo_jax.main --config=configs/fmnist.py:mteo --workdir=runs/fmnist_mteo        # NFE 3
     python -m mteo_jax.main --config=configs/fmnist.py:mteo_full --workdir=runs/fmnist_full   # NFE 3, 4 and 5
 
-Variants: ``mteo``, ``mteo_full``, ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 6k steps of 32;
+Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and DPM-Solver++(2M), NFE 3:
+
+    python -m mteo_jax.main --config=configs/fmnist.py:compare --workdir=runs/fmnist_compare
+
+Variants: ``mteo``, ``mteo_full``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver), ``schedules`` (NFE
+3, 4 and 5), ``combined`` (MTEO on each schedule), ``compare``, ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 6k steps of 32;
 measured 2.3-3 steps/s on a 2-core CPU machine with nothing else running, 0.6 s per step when it shares the cores),
 ``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
 of 256; the GPU time is an estimate, not measured), ``tiny``.
@@ -21,15 +26,22 @@ of 256; the GPU time is an estimate, not measured), ``tiny``.
 
 import ml_collections
 
-from mteo_jax import modes
+from mteo_jax import comparison, modes
 
-VARIANTS = ("default", "gpu", "tiny", "mteo", "mteo_full")
+VARIANTS = ("default", "gpu", "tiny", "mteo", "mteo_full") + comparison.COMPARE_VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/fmnist.py; expected one of {list(VARIANTS)}")
+  if variant in comparison.COMPARE_VARIANTS:
+    # Few-step methods side by side on the shipped teacher (mteo_jax.comparison), sized like the mteo variant: 512
+    # training trajectories, MTEO at 200 steps.
+    config = comparison.config_for("pretrained:fmnist", variant, eval_batch_size=250, num_train=512)
+    if any(name.startswith("mteo") for name in config.compare.methods):
+      config.mteo.steps = 200
+    return config
   if variant in ("mteo", "mteo_full"):
     # The main job on the shipped teacher (mteo_jax/pretrained/teacher_fmnist, made by the default variant), or
     # --config.mteo.teacher=DIR (a training run's WORKDIR/teacher). A 28x28 network evaluation costs ~4x a digits one

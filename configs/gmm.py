@@ -14,20 +14,31 @@ MTEO main job on the shipped teacher:
 
     python -m mteo_jax.main --config=configs/gmm.py:mteo --workdir=runs/gmm_mteo              # ~5 min on 2 CPU cores
 
-Variants: ``mteo``, ``mteo_full``, ``default``, ``tiny`` (a 2-block MLP of width 32, a few hundred steps).
+Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and DPM-Solver++(2M):
+
+    python -m mteo_jax.main --config=configs/gmm.py:compare --workdir=runs/gmm_compare       # the issue's comparison
+    python -m mteo_jax.main --config=configs/gmm.py:schedules --workdir=runs/gmm_schedules   # GITS, LD3, INDIS, NFE 3-5
+    python -m mteo_jax.main --config=configs/gmm.py:combined --workdir=runs/gmm_combined     # MTEO on each schedule
+
+Variants: ``mteo``, ``mteo_full``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver), ``schedules``,
+``combined``, ``compare``, ``default``, ``tiny`` (a 2-block MLP of width 32, a few hundred steps).
 """
 
 import ml_collections
 
-from mteo_jax import modes
+from mteo_jax import comparison, modes
 
-VARIANTS = ("default", "tiny", "mteo", "mteo_full")
+VARIANTS = ("default", "tiny", "mteo", "mteo_full") + comparison.COMPARE_VARIANTS
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "default"
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r} of configs/gmm.py; expected one of {list(VARIANTS)}")
+  if variant in comparison.COMPARE_VARIANTS:
+    # Few-step methods side by side on the shipped teacher (mteo_jax.comparison): every key has its default from
+    # modes.base_config("compare").
+    return comparison.config_for("pretrained:gmm", variant, grid_size=1000)
   if variant in ("mteo", "mteo_full"):
     # The main job on the shipped teacher (mteo_jax/pretrained/teacher_gmm, made by the default variant); every other
     # key has its default from modes.base_config("mteo").

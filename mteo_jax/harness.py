@@ -146,7 +146,7 @@ class Artefact:
   path: str | None = None
 
 
-def _batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarray:
+def batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarray:
   """``fn`` over chunks of the leading axis (the last chunk padded so that ``fn`` compiles once)."""
   num = arrays[0].shape[0]
   outputs = []
@@ -161,9 +161,9 @@ def _batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarr
 
 def timed_samples(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> tuple[np.ndarray, float]:
   """``(samples, seconds per 1000 samples)``: compiled on the first chunk, then the whole pass is timed."""
-  _batched(fn, batch_size, *[None if a is None else a[:batch_size] for a in arrays])
+  batched(fn, batch_size, *[None if a is None else a[:batch_size] for a in arrays])
   start = time.perf_counter()
-  samples = _batched(fn, batch_size, *arrays)
+  samples = batched(fn, batch_size, *arrays)
   return samples, 1000.0 * (time.perf_counter() - start) / arrays[0].shape[0]
 
 

@@ -299,6 +299,23 @@ def schedule_sample(solver: Any, backbone: Any, params: Any, precond: Any, x_T: 
                               temb_table=table, scale=scale, return_trajectory=return_trajectory)
 
 
+DESCRIBE_SAMPLES = 256
+GRID_QUANTILES = (5, 25, 50, 75, 95)
+
+
+def describe_grids(sigmas: Any) -> dict:
+  """A schedule for ``results.json`` and the schedule picture: ``{"sigmas": [N + 1]}`` for a global grid [N + 1];
+  for per-sample grids [B, N + 1], the median grid as ``"sigmas"`` and ``"quantiles": {"5": [N + 1], "25", "50",
+  "75", "95"}`` of each grid point over the samples, with ``"num_samples": B``."""
+  sigmas = np.asarray(sigmas, np.float64)
+  if sigmas.ndim == 1:
+    return {"sigmas": sigmas.tolist()}
+  if sigmas.ndim != 2:
+    raise ValueError(f"sigmas must be [N + 1] or [B, N + 1], got shape {sigmas.shape}")
+  quantiles = {str(q): np.percentile(sigmas, q, axis=0).tolist() for q in GRID_QUANTILES}
+  return {"sigmas": quantiles["50"], "quantiles": quantiles, "num_samples": int(sigmas.shape[0])}
+
+
 # --- phi: the instance-aware schedule network -----------------------------------------------------------------------
 
 class SchedulePredictor(nn.Module):

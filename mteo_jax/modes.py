@@ -28,7 +28,7 @@ from typing import Any, Callable
 import ml_collections
 from absl import logging
 
-from mteo_jax import config_utils, experiment, loop, train
+from mteo_jax import comparison, config_utils, experiment, loop, train
 from mteo_jax.registry import Registry
 
 EXPERIMENT_FILE = "experiment.json"
@@ -68,6 +68,8 @@ def _teacher_identity(config: train.TeacherConfig) -> dict:
 MODES.register("train")(Mode("train", train.TeacherConfig, train.train, _teacher_identity))
 MODES.register("mteo")(Mode("mteo", experiment.MTEOExperimentConfig, experiment.run_mteo,
                             experiment.experiment_identity))
+MODES.register("compare")(Mode("compare", comparison.CompareConfig, comparison.run_compare,
+                               comparison.compare_identity))
 
 
 # --- defaults --------------------------------------------------------------------------------------------------------

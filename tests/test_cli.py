@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mteo_jax import checkpoints, main, modes, teachers, train
+from mteo_jax import checkpoints, comparison, main, modes, teachers, train
 from mteo_jax.nets import make_denoiser
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +41,10 @@ def load_config_file(name: str):
 
 
 def run_cli_unchecked(*args: str, timeout: float = 600) -> tuple[subprocess.CompletedProcess, float, str]:
-  """``python -m mteo_jax.main ARGS`` in the repository, whatever its exit status: ``(proc, wall seconds, "wall W s
-  (cpu C s, load L on N cores)")`` (CPU time and load say whether a slow run was starved by other work)."""
+  """``python -m mteo_jax.main ARGS`` in the repository, whatever its exit status: ``(proc, CPU seconds, "wall W s
+  (cpu C s, load L on N cores)")``. The CPU time of the command is what it costs whatever else the machine runs (on
+  an idle machine its wall time is about the same: the work before an error is single-threaded); the wall time and
+  load are reported beside it."""
   # One CPU device whatever the calling environment says, and XLA's cheap compile pipeline: these runs test the
   # plumbing, and compiling dominates their time.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=FAST_COMPILE)
@@ -52,7 +54,7 @@ def run_cli_unchecked(*args: str, timeout: float = 600) -> tuple[subprocess.Comp
   wall = time.perf_counter() - start
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
   cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-  return proc, wall, f"wall {wall:.1f} s (cpu {cpu:.1f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
+  return proc, cpu, f"wall {wall:.1f} s (cpu {cpu:.1f} s, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores)"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -117,10 +119,11 @@ def test_unknown_mode_lists_the_valid_ones(tmp_path):
   the registry holds Mode entries (typed config, run function, identity)."""
   config = load_config_file("gmm").get_config("tiny")
   config.mode = "distil"
-  with pytest.raises(modes.ConfigError, match=r"unknown mode 'distil'; expected one of \['mteo', 'train'\]"):
+  valid = r"expected one of \['compare', 'mteo', 'train'\]"
+  with pytest.raises(modes.ConfigError, match=r"unknown mode 'distil'; " + valid):
     main.run(config, tmp_path / "w")
   del config["mode"]
-  with pytest.raises(modes.ConfigError, match=r"no 'mode'; expected one of \['mteo', 'train'\]"):
+  with pytest.raises(modes.ConfigError, match=r"no 'mode'; " + valid):
     main.run(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
   assert main.MODES is modes.MODES and "train" in main.MODES and "mteo" in main.MODES
@@ -197,11 +200,31 @@ def test_mteo_variants_build(name):
     assert teachers.resolve_teacher(job.teacher).is_dir()   # shipped
 
 
+COMPARE_FILES = ("gmm", "digits", "fmnist")
+
+
+@pytest.mark.parametrize("name", COMPARE_FILES)
+def test_compare_variants_build(name):
+  """Every comparison variant parses to the compare mode on the shipped teacher, iPNDM and DPM-Solver++(2M), with the
+  methods and NFEs it documents."""
+  module = load_config_file(name)
+  for variant in comparison.COMPARE_VARIANTS:
+    spec, config = modes.parse(module.get_config(variant))
+    assert spec.name == "compare" and config.compare.teacher == f"pretrained:{name}"
+    assert config.compare.solvers == ("ipndm", "dpmpp_2m")
+    assert config.compare.nfes == ((3, 4, 5) if variant == "schedules" else (3,))
+    methods = config.compare.methods
+    assert methods[0] == "base" and (variant in methods or variant in ("schedules", "combined", "compare"))
+  assert modes.parse(module.get_config("compare"))[1].compare.methods == comparison.COMPARE_METHODS
+
+
 def test_the_variant_lists_cover_every_variant():
   """The lists above name every variant of every config file (so none escapes the build tests)."""
   assert sorted(CONFIGS) == CONFIG_FILES
   for name in CONFIG_FILES:
-    assert sorted(load_config_file(name).VARIANTS) == sorted(CONFIGS[name] + MTEO_VARIANTS.get(name, ())), name
+    compare = comparison.COMPARE_VARIANTS if name in COMPARE_FILES else ()
+    assert sorted(load_config_file(name).VARIANTS) == sorted(CONFIGS[name] + MTEO_VARIANTS.get(name, ()) + compare), \
+        name
 
 
 # --- every default in the config, one-line errors -----------------------------------------------------------------
@@ -264,19 +287,19 @@ def test_an_override_of_a_missing_key_exits_2_with_one_line(tmp_path, args, mess
   """An override naming a key that the variant's config lacks (a section of another mode, a misspelt key) exits 2
   within ERROR_SECONDS with exactly one line naming the valid keys, and touches no workdir."""
   workdir = tmp_path / "w"
-  proc, wall, times = run_cli_unchecked(*args, f"--workdir={workdir}", timeout=60)
+  proc, cpu, times = run_cli_unchecked(*args, f"--workdir={workdir}", timeout=60)
   assert proc.returncode == 2, proc.stderr[-4000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and re.search(message, lines[0]), proc.stderr[-4000:]
   assert not workdir.exists()
-  assert wall < ERROR_SECONDS, f"{times} to report a bad override"
+  assert cpu < ERROR_SECONDS, f"{times} to report a bad override"
 
 
 def test_a_bad_value_exits_2_naming_the_valid_values(tmp_path):
   """--config.mteo.lr_decay=cosin (next to a valid override) exits 2 within ERROR_SECONDS with a one-line error naming
   the valid values, nothing else on stderr, and before the workdir is claimed."""
   workdir = tmp_path / "w"
-  proc, wall, times = run_cli_unchecked("--config=configs/digits.py:mteo", f"--workdir={workdir}",
+  proc, cpu, times = run_cli_unchecked("--config=configs/digits.py:mteo", f"--workdir={workdir}",
                                         "--config.mteo.steps=500", "--config.mteo.lr_decay=cosin", timeout=60)
   assert proc.returncode == 2, proc.stderr[-4000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -284,7 +307,7 @@ def test_a_bad_value_exits_2_naming_the_valid_values(tmp_path):
                     "['constant', 'cosine', 'linear']"], proc.stderr[-4000:]
   assert proc.stderr.strip().splitlines() == errors  # nothing else: no traceback, no config dump before the error
   assert not workdir.exists()
-  assert wall < ERROR_SECONDS, f"{times} to report a bad value"
+  assert cpu < ERROR_SECONDS, f"{times} to report a bad value"
 
 
 def test_parse_refuses_a_section_the_mode_does_not_read():

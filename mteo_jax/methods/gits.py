@@ -359,7 +359,7 @@ class GITS(Method):
     sigmas = np.asarray(record["sigmas"], np.float32)
     self._teachers[str(path)] = teacher
     return Artefact(self.name, cell, payload=sigmas, train_seconds=float(record["search_seconds"]), path=str(path),
-                    curves={"schedule": record["sigmas"], "fine_grid_size": len(identity["fine_grid"]),
+                    curves={"schedule": {"sigmas": record["sigmas"]}, "fine_grid_size": len(identity["fine_grid"]),
                             "total_cost": record["total_cost"]})
 
   def sampler(self, artefact: Artefact) -> Sampler:

@@ -175,10 +175,16 @@ class INDIS(Method):
     def bound(phi_params, x_T, label):
       return sample(phi_params, teacher.params, x_T, label)
 
+    # The spread of the per-sample grids on the first evaluation noises (for results.json and the schedule picture).
+    num = min(ls.DESCRIBE_SAMPLES, harness.config.num_eval)
+    labels = None if harness.label_eval is None else jnp.asarray(harness.label_eval[:num])
+    logits = jax.jit(predictor.apply)({"params": phi_params}, jnp.asarray(harness.x_T_eval[:num]), labels)["logits"]
+    grids = ls.sigmas_from_logits(logits, sigma_min, sigma_max, settings.min_fraction)
     return Artefact(self.name, cell, payload=(phi_params, bound), train_seconds=result.train_seconds,
                     path=None if path is None else str(path),
                     curves={"loss_curve": {"step": steps, "loss": losses},
-                            "held_out_curve": {"step": eval_steps, "rmse": rmses}})
+                            "held_out_curve": {"step": eval_steps, "rmse": rmses},
+                            "schedule": ls.describe_grids(grids)})
 
   def sampler(self, artefact: Artefact) -> Sampler:
     phi_params, sample = artefact.payload

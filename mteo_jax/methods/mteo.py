@@ -62,33 +62,41 @@ class MTEO(Method):
 
   name = "mteo"
 
-  def __init__(self, settings: MTEOSettings = MTEOSettings()):
+  def __init__(self, settings: MTEOSettings = MTEOSettings(), *, name: str = "mteo"):
     self.settings = settings
+    self.name = name   # another name keeps another run directory and table (MTEO on a learned schedule)
 
-  def fit(self, harness: Harness, cell: Cell) -> Artefact:
+  def fit(self, harness: Harness, cell: Cell, *, initial_table: mteo.Table | None = None,
+          identity: dict | None = None) -> Artefact:
+    """The table for ``cell`` (any global schedule: the harness's base one or a searched or learned one), started
+    from the teacher's embeddings at the cell's evaluation sigmas or from ``initial_table``; ``identity`` adds what
+    else the run depends on (e.g. the schedule's origin)."""
     settings, teacher = self.settings, harness.teacher
     if settings.batch_size > harness.config.num_train:
       raise ValueError(f"mteo.batch_size={settings.batch_size} exceeds num_train={harness.config.num_train}")
     loss = settings.loss_config()
-    table = mteo.init_table(teacher.backbone, teacher.params, teacher.precond, cell.solver.eval_sigmas(cell.sigmas),
-                            settings.granularity)
+    table = initial_table
+    if table is None:
+      table = mteo.init_table(teacher.backbone, teacher.params, teacher.precond,
+                              cell.solver.eval_sigmas(cell.sigmas), settings.granularity)
     task = mteo.table_task(cell.solver, teacher.backbone, teacher.params, teacher.precond, cell.sigmas, table,
                            harness.train_data(cell), loss, batch_size=settings.batch_size, seed=harness.train_seed)
     identity = {"teacher": teacher.identity, "solver": cell.solver_name, "nfe": cell.nfe,
                 "sigmas": [float(s) for s in cell.sigmas], "granularity": settings.granularity,
                 "loss": dataclasses.asdict(loss), "num_train": harness.config.num_train,
-                "noise_seed": harness.train_seed, "reference": dataclasses.asdict(harness.config.reference)}
+                "noise_seed": harness.train_seed, "reference": dataclasses.asdict(harness.config.reference),
+                **(identity or {})}
     held_out = jax.jit(self._sample_fn(harness, cell))
 
     def evaluate(step: int, state: loop.TrainState) -> dict[str, float]:
       return {"held_out_rmse": harness.held_out_rmse(lambda x, y: held_out(state.params, x, y))}
 
     result = loop.fit(task, settings, harness.run_dir(self.name, cell), seed=harness.train_seed, identity=identity,
-                      eval_fn=evaluate, eval_every=settings.eval_every, desc=f"MTEO {cell.solver_name} NFE {cell.nfe}")
+                      eval_fn=evaluate, eval_every=settings.eval_every, desc=f"{self.name.upper()} {cell.solver_name} NFE {cell.nfe}")
     table = jax.device_get(result.state.params)
     path = None
     if settings.save_tables:
-      path = harness.workdir / "tables" / cell.tag
+      path = harness.workdir / "tables" / (cell.tag if self.name == "mteo" else f"{self.name}_{cell.tag}")
       meta = mteo.table_metadata(teacher.identity, cell.solver_name, {}, harness.config.schedule, cell.sigmas, table,
                                  teacher.backbone.layer_names, loss, {"steps": settings.steps,
                                                                       "seed": harness.config.seed})

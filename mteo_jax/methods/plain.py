@@ -17,7 +17,8 @@ class BaseSolver(Method):
 
   def fit(self, harness: Harness, cell: Cell) -> Artefact:
     teacher = harness.teacher
-    return Artefact(self.name, cell, payload=(teacher.backbone, teacher.params, teacher.precond))
+    return Artefact(self.name, cell, payload=(teacher.backbone, teacher.params, teacher.precond),
+                    curves={"schedule": {"sigmas": [float(s) for s in cell.sigmas]}})
 
   def sampler(self, artefact: Artefact) -> Sampler:
     backbone, params, precond = artefact.payload

@@ -1,0 +1,304 @@
+"""The comparison job (config ``mode="compare"``): several few-step methods on one teacher, harness, noise and metric.
+
+    references (cached) -> teacher row -> for each cell (solver, NFE), each method in ``compare.methods``: fit (or
+    reload a finished run) and score on held-out noise -> DIR/results.json, samples.png, rmse_bars.png, schedules.png
+
+The methods are the registered ones (``methods.METHODS``): ``base`` (the plain solver on the EDM-rho schedule),
+``gits``, ``ld3``, ``indis``, ``mteo`` and MTEO on a schedule (``mteo_on_<gits|ld3|indis|best>``,
+``mteo_joint_<ld3|indis>``). Each reads its own config section (``mteo``, ``gits``, ``ld3``, ``indis``; MTEO on a
+schedule reads ``mteo`` and the schedule's), all with their defaults in ``modes.base_config("compare")``; a section that
+no listed method reads must keep its defaults (a changed key there would be ignored, so it is an error).
+``schedules.png`` draws sigma against the step for every schedule at the first NFE: EDM-rho, GITS, LD3, the median
+and spread of INDIS's per-sample schedules on the evaluation noise, and the jointly learned ones.
+
+    python -m mteo_jax.main --config=configs/digits.py:compare --workdir=runs/digits_compare
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mteo_jax import config_utils, loop, parallel
+from mteo_jax.harness import Harness, HarnessConfig, ReferenceConfig
+from mteo_jax.methods import (
+  GITS,
+  INDIS,
+  LD3,
+  METHODS,
+  MTEO,
+  BaseSolver,
+  GITSSettings,
+  INDISSettings,
+  LD3Settings,
+  Method,
+  MTEOSettings,
+  ScheduledMTEO,
+)
+from mteo_jax.solvers import get_solver
+from mteo_jax.teachers import Teacher, resolve_teacher
+
+# The issue's comparison: the plain EDM-rho schedule, GITS, LD3, INDIS, MTEO and MTEO on the best schedule.
+COMPARE_METHODS = ("base", "gits", "ld3", "indis", "mteo", "mteo_on_best")
+# Which config sections each method reads.
+SECTIONS = {"base": (), "gits": ("gits",), "ld3": ("ld3",), "indis": ("indis",), "mteo": ("mteo",),
+            "mteo_on_gits": ("mteo", "gits"), "mteo_on_ld3": ("mteo", "ld3"), "mteo_on_indis": ("mteo", "indis"),
+            "mteo_on_best": ("mteo", "gits", "ld3", "indis"), "mteo_joint_ld3": ("mteo", "ld3"),
+            "mteo_joint_indis": ("mteo", "indis")}
+SETTINGS = {"mteo": MTEOSettings, "gits": GITSSettings, "ld3": LD3Settings, "indis": INDISSettings}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareJobConfig:
+  """The ``compare`` section: the teacher, the cells, the methods and the harness's settings.
+
+  Attributes:
+    teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
+    methods: registered method names, scored in this order on every cell.
+    solvers, nfes: the cells, every solver at every NFE.
+    schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
+    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference, progress: ``harness.HarnessConfig``.
+    num_select: training noises ``mteo_on_best`` compares the schedules on.
+  """
+  teacher: str = ""
+  methods: tuple[str, ...] = COMPARE_METHODS
+  solvers: tuple[str, ...] = ("ipndm", "dpmpp_2m")
+  nfes: tuple[int, ...] = (3,)
+  schedule: str = "edm"
+  rho: float = 7.0
+  num_train: int = 1024
+  num_eval: int = 1000
+  eval_batch_size: int = 500
+  teacher_steps: int = 50
+  grid_size: int = 10
+  reference: ReferenceConfig = ReferenceConfig()
+  progress: bool = True
+  num_select: int = 256
+
+  def __post_init__(self):
+    where = "compare"
+    if not self.teacher:
+      raise ValueError(f"{where}.teacher is required: an exported teacher directory or pretrained:<name>")
+    resolve_teacher(self.teacher)   # FileNotFoundError listing the shipped teachers
+    try:
+      self.harness_config(seed=0)
+    except ValueError as error:
+      raise ValueError(f"{where}.{error}") from None
+    if not self.methods or not self.solvers or not self.nfes:
+      raise ValueError(f"{where}.methods, {where}.solvers and {where}.nfes must be non-empty, got {self.methods}, "
+                       f"{self.solvers} and {self.nfes}")
+    for name in self.methods:
+      if name not in METHODS or name not in SECTIONS:
+        raise ValueError(f"unknown method {name!r} in {where}.methods; expected some of {sorted(SECTIONS)}")
+    if len(set(self.methods)) != len(self.methods):
+      raise ValueError(f"{where}.methods lists a method twice: {self.methods}")
+    if self.num_select < 1:
+      raise ValueError(f"{where}.num_select must be >= 1, got {self.num_select}")
+    for solver_name in self.solvers:
+      solver = get_solver(solver_name)   # KeyError listing the registered solvers
+      for nfe in self.nfes:
+        solver.num_steps_for_nfe(nfe)    # ValueError naming the nearest reachable NFE
+
+  def harness_config(self, seed: int) -> HarnessConfig:
+    return HarnessConfig(seed=seed, num_train=self.num_train, num_eval=self.num_eval,
+                         eval_batch_size=self.eval_batch_size, teacher_steps=self.teacher_steps,
+                         schedule=self.schedule, rho=self.rho, grid_size=self.grid_size, reference=self.reference,
+                         progress=self.progress)
+
+  @property
+  def sections(self) -> set[str]:
+    """The method sections the listed methods read."""
+    return {section for name in self.methods for section in SECTIONS[name]}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+  """The whole config of the ``compare`` mode (``modes.base_config("compare")`` holds every key with its default)."""
+  mode: str = "compare"
+  seed: int = 0
+  overwrite: bool = False
+  compare: CompareJobConfig = dataclasses.field(default_factory=CompareJobConfig)
+  mteo: MTEOSettings = MTEOSettings()
+  gits: GITSSettings = GITSSettings()
+  ld3: LD3Settings = LD3Settings()
+  indis: INDISSettings = INDISSettings()
+
+  def __post_init__(self):
+    job, used = self.compare, self.compare.sections
+    for section, cls in SETTINGS.items():
+      if section not in used and getattr(self, section) != cls():
+        changed = config_utils.diff(config_utils.to_plain(cls()), config_utils.to_plain(getattr(self, section)))
+        raise ValueError(f"the {section} section is changed ({', '.join(f'{section}.{k}' for k in changed)}) but "
+                         f"no method in compare.methods={list(job.methods)} reads it; add a method that does or "
+                         "leave it at its defaults")
+    for section in ("mteo", "indis"):
+      if section in used and getattr(self, section).batch_size > job.num_train:
+        raise ValueError(f"{section}.batch_size={getattr(self, section).batch_size} exceeds "
+                         f"compare.num_train={job.num_train}")
+    if "ld3" in used and self.ld3.num_train > job.num_train:
+      raise ValueError(f"ld3.num_train={self.ld3.num_train} exceeds compare.num_train={job.num_train}")
+    if "gits" in used:
+      for solver_name in job.solvers:
+        for nfe in job.nfes:
+          steps = get_solver(solver_name).num_steps_for_nfe(nfe)
+          if steps > self.gits.fine_grid_size - 1:
+            raise ValueError(f"gits.fine_grid_size={self.gits.fine_grid_size} allows at most "
+                             f"{self.gits.fine_grid_size - 1} steps; {solver_name} at NFE {nfe} needs {steps}")
+
+
+# Keys that may change between a run and its resumption: they steer what is evaluated, logged or shown, not what is
+# learned (adding a method, a solver or an NFE adds rows; the finished runs are reused).
+HARMLESS_KEYS = {
+    "compare": ("methods", "solvers", "nfes", "num_eval", "eval_batch_size", "teacher_steps", "grid_size", "progress",
+                "num_select"),
+    "mteo": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_tables"),
+    "gits": ("batch_size",),
+    "ld3": ("log_every", "checkpoint_every", "keep", "progress", "save_schedules"),
+    "indis": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_params"),
+}
+
+
+def compare_identity(config: CompareConfig) -> dict:
+  """What makes two ``compare`` runs in one workdir the same experiment (``modes.claim_workdir``)."""
+  plain = config_utils.to_plain(config)
+  identity = {"mode": "compare", "seed": config.seed}
+  for section, harmless in HARMLESS_KEYS.items():
+    identity[section] = {k: v for k, v in plain[section].items() if k not in harmless}
+  return identity
+
+
+def build_methods(config: CompareConfig) -> list[Method]:
+  """The listed methods with their sections' settings; MTEO on a schedule shares the schedule methods' objects, so
+  that each schedule is fitted once."""
+  schedules = {"gits": GITS(config.gits), "ld3": LD3(config.ld3), "indis": INDIS(config.indis)}
+  built = []
+  for name in config.compare.methods:
+    if name == "base":
+      built.append(BaseSolver())
+    elif name == "mteo":
+      built.append(MTEO(config.mteo))
+    elif name in schedules:
+      built.append(schedules[name])
+    else:
+      order, schedule = ("sequence", name.removeprefix("mteo_on_")) if name.startswith("mteo_on_") else \
+          ("joint", name.removeprefix("mteo_joint_"))
+      built.append(ScheduledMTEO(schedule, order, mteo_settings=config.mteo, schedule_methods=schedules,
+                                 num_select=config.compare.num_select))
+  return built
+
+
+def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdir: str | os.PathLike) -> dict:
+  """The comparison job; returns the results dict it writes to ``workdir/results.json``."""
+  if not isinstance(config, CompareConfig):
+    config = config_utils.from_dict(CompareConfig, config, where="config")
+  job, workdir = config.compare, Path(workdir)
+  mesh = parallel.make_mesh()
+  for section in sorted(job.sections - {"gits"}):
+    loop.check_batch_size(getattr(config, section).batch_size, mesh, where=section)
+  teacher = Teacher.load(job.teacher)
+  harness = Harness(teacher, workdir, job.harness_config(config.seed))
+  cells = harness.cells(job.solvers, job.nfes)
+  harness.teacher_row()
+  harness.reference_row()
+  harness.run(build_methods(config), cells)
+  results = harness.write_results({"config": config_utils.to_plain(config)}, picture_nfe=job.nfes[0])
+  try:
+    save_schedule_picture(results["rows"], workdir / "schedules.png", nfe=job.nfes[0])
+  except Exception as error:  # noqa: BLE001 (a picture never costs the results)
+    logging.exception("schedules.png failed")
+    results.setdefault("picture_errors", {})["schedules.png"] = repr(error)
+  log_summary(results["rows"])
+  return results
+
+
+def log_summary(rows: list[dict]) -> None:
+  """One line per cell: each method's held-out RMSE, best first."""
+  cells: dict[tuple[str, int], list[dict]] = {}
+  for row in rows:
+    if row["method"] not in ("teacher", "reference"):
+      cells.setdefault((row["solver"], row["nfe"]), []).append(row)
+  for (solver, nfe), cell_rows in cells.items():
+    ranked = sorted(cell_rows, key=lambda r: r["rmse"])
+    logging.info("%s NFE %d: %s", solver, nfe, ", ".join(f"{r['method']} {r['rmse']:.4f}" for r in ranked))
+
+
+def schedule_rows(rows: list[dict], nfe: int) -> dict[str, list[tuple[str, dict]]]:
+  """``{solver: [(method, schedule)]}`` of the rows at ``nfe`` that carry a schedule (MTEO in sequence reuses its
+  schedule method's and is left out)."""
+  out: dict[str, list[tuple[str, dict]]] = {}
+  for row in rows:
+    schedule = row.get("schedule")
+    if row.get("nfe") != nfe or not isinstance(schedule, dict) or row["method"].startswith("mteo_on_"):
+      continue
+    out.setdefault(row["solver"], []).append((row["method"], schedule))
+  return out
+
+
+LABELS = {"base": "EDM-rho (base)", "gits": "GITS", "ld3": "LD3", "indis": "INDIS (median, 25-75 %, 5-95 %)",
+          "mteo_joint_ld3": "MTEO + LD3 joint", "mteo_joint_indis": "MTEO + INDIS joint (median)"}
+
+
+def save_schedule_picture(rows: list[dict], path: Path, *, nfe: int) -> Path | None:
+  """sigma (log) against the grid index, one panel per solver at ``nfe``: every global schedule as a line, the
+  per-sample ones as their median with 25-75 % and 5-95 % bands. None when no row has a schedule."""
+  import matplotlib  # noqa: PLC0415 (only the picture needs it)
+  import matplotlib.ticker  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  panels = schedule_rows(rows, nfe)
+  if not panels:
+    return None
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
+  for ax, (solver, entries) in zip(axes[0], panels.items()):
+    for index, (method, schedule) in enumerate(entries):
+      sigmas = np.asarray(schedule["sigmas"])
+      steps = np.arange(sigmas.shape[0])
+      style = {"color": f"C{index}", "marker": "o", "ms": 4, "lw": 1.5,
+               "ls": "--" if method.startswith("mteo_joint") else "-"}
+      ax.plot(steps, sigmas, label=LABELS.get(method, method), **style)
+      quantiles = schedule.get("quantiles")
+      if quantiles:
+        ax.fill_between(steps, quantiles["5"], quantiles["95"], color=f"C{index}", alpha=0.15, lw=0)
+        ax.fill_between(steps, quantiles["25"], quantiles["75"], color=f"C{index}", alpha=0.3, lw=0)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_xlabel("grid index i (sigma_0 = sigma_max)")
+    ax.set_ylabel("sigma")
+    ax.set_title(f"{solver}, NFE {nfe}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def config_for(teacher: str, variant: str, **job: Any) -> ml_collections.ConfigDict:
+  """The ``compare`` config of a config file's variant on ``teacher``: ``gits``, ``ld3``, ``indis`` (that method
+  beside the plain solver), ``schedules`` (the three at NFE 3, 4 and 5), ``combined`` (MTEO alone and on each
+  schedule, in sequence and jointly) or ``compare`` (``COMPARE_METHODS``); ``job`` overrides keys of ``compare``."""
+  from mteo_jax import modes  # noqa: PLC0415 (modes imports this module)
+  methods = {"gits": ("base", "gits"), "ld3": ("base", "ld3"), "indis": ("base", "indis"),
+             "schedules": ("base", "gits", "ld3", "indis"),
+             "combined": ("base", "mteo", "mteo_on_gits", "mteo_on_ld3", "mteo_on_indis", "mteo_joint_ld3",
+                          "mteo_joint_indis"),
+             "compare": COMPARE_METHODS}
+  if variant not in methods:
+    raise ValueError(f"unknown comparison variant {variant!r}; expected one of {list(methods)}")
+  config = modes.base_config("compare")
+  config.compare.teacher = teacher
+  config.compare.methods = methods[variant]
+  if variant == "schedules":
+    config.compare.nfes = (3, 4, 5)
+  config.compare.update(job)
+  return config
+
+
+COMPARE_VARIANTS = ("gits", "ld3", "indis", "schedules", "combined", "compare")
