@@ -3,6 +3,9 @@
     references (cached) -> teacher row -> for each cell (solver, NFE), each method in ``compare.methods``: fit (or
     reload a finished run) and score on held-out noise -> DIR/results.json, samples.png, rmse_bars.png, schedules.png
 
+Runs of one experiment in one workdir (say the ``schedules``, ``combined`` and ``compare`` variants) share their
+finished parts, and ``results.json`` gathers the rows of all of them (a row measured again replaces the earlier one).
+
 The methods are the registered ones (``methods.METHODS``): ``base`` (the plain solver on the EDM-rho schedule),
 ``gits``, ``ld3``, ``indis``, ``mteo`` and MTEO on a schedule (``mteo_on_<gits|ld3|indis|best>``,
 ``mteo_joint_<ld3|indis>``). Each reads its own config section (``mteo``, ``gits``, ``ld3``, ``indis``; MTEO on a
@@ -17,6 +20,7 @@ and spread of INDIS's per-sample schedules on the evaluation noise, and the join
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from mteo_jax import config_utils, loop, parallel
+from mteo_jax import harness as harness_module
 from mteo_jax.harness import Harness, HarnessConfig, ReferenceConfig
 from mteo_jax.methods import (
   GITS,
@@ -206,8 +211,15 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()
+  earlier = earlier_rows(workdir)
   harness.run(build_methods(config), cells)
   results = harness.write_results({"config": config_utils.to_plain(config)}, picture_nfe=job.nfes[0])
+  if earlier:
+    # The workdir holds one experiment (its identity is checked), so rows of earlier runs with other methods, solvers
+    # or NFEs belong to it: results.json keeps them, and a row measured again replaces its earlier one.
+    measured = {row_key(row) for row in results["rows"]}
+    results["rows"] = results["rows"] + [row for row in earlier if row_key(row) not in measured]
+    harness_module.write_json(workdir / "results.json", results)
   try:
     save_schedule_picture(results["rows"], workdir / "schedules.png", nfe=job.nfes[0])
   except Exception as error:  # noqa: BLE001 (a picture never costs the results)
@@ -215,6 +227,18 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
     results.setdefault("picture_errors", {})["schedules.png"] = repr(error)
   log_summary(results["rows"])
   return results
+
+
+def row_key(row: dict) -> tuple:
+  return row["method"], row["solver"], row["nfe"]
+
+
+def earlier_rows(workdir: Path) -> list[dict]:
+  """The rows of the workdir's ``results.json`` from an earlier run of this experiment ([] if none or unreadable)."""
+  try:
+    return list(json.loads((workdir / "results.json").read_text())["rows"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return []
 
 
 def log_summary(rows: list[dict]) -> None:

@@ -375,11 +375,11 @@ class Harness:
                **(extra or {}), "seed": self.config.seed,
                "noise_seeds": {"train": self.train_seed, "eval": self.eval_seed}, "rows": self.rows}
     path = self.workdir / "results.json"
-    _write_json(path, results)
+    write_json(path, results)
     errors = draw_pictures(self.workdir, self.pictures, self.rows, picture_nfe)
     if errors:
       results["picture_errors"] = errors
-      _write_json(path, results)
+      write_json(path, results)
     return results
 
 
@@ -389,7 +389,7 @@ def _json_default(value: Any) -> Any:
   raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
 
 
-def _write_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps(value, indent=2, default=_json_default))
   os.replace(tmp, path)

@@ -90,8 +90,8 @@ def test_mteo_on_best_takes_the_schedule_its_selection_ranks_first_and_reuses_th
 
 
 def test_a_rerun_resumes_every_run_and_adding_a_method_is_harmless(run):
-  """The same command again trains nothing (every run is finished) and gives the same rows; a changed learning
-  setting is refused at once, naming it."""
+  """Another run of the experiment (other methods) trains nothing that is finished, gives the same rows and keeps the
+  earlier rows in results.json; a changed learning setting is refused at once, naming it."""
   workdir, _, rows = run
   metrics = {name: (workdir / name / "ipndm_nfe3" / "metrics.jsonl").read_text()
              for name in ("ld3", "indis", "mteo", "mteo_joint_ld3")}
@@ -101,6 +101,10 @@ def test_a_rerun_resumes_every_run_and_adding_a_method_is_harmless(run):
       assert row["rmse"] == rows[row["method"]]["rmse"] and row["train_seconds"] == rows[row["method"]]["train_seconds"]
   for name, text in metrics.items():
     assert (workdir / name / "ipndm_nfe3" / "metrics.jsonl").read_text() == text
+  # results.json keeps the first run's rows beside the second's: one row per (method, solver, NFE).
+  saved = json.loads((workdir / "results.json").read_text())["rows"]
+  keys = [(row["method"], row["solver"], row["nfe"]) for row in saved]
+  assert len(keys) == len(set(keys)) and set(METHODS_RUN) <= {row["method"] for row in saved}
   config = tiny_config()
   config.ld3.steps = 13
   with pytest.raises(modes.ConfigError, match="ld3.steps"):
