@@ -172,7 +172,7 @@ def test_gits_on_the_harness_searches_saves_and_reloads(tmp_path, monkeypatch):
   method = gits.GITS(settings)
   base_row, gits_row = h.run([BaseSolver(), method], cells)
   cell = cells[0]
-  schedule = np.asarray(gits_row["schedule"], np.float32)
+  schedule = np.asarray(gits_row["schedule"]["sigmas"], np.float32)
   assert schedule.shape == (cell.solver.num_steps_for_nfe(3) + 1,) and np.all(np.diff(schedule) < 0)
   assert schedule[0] == np.float32(teacher.precond.sigma_max) and schedule[-1] == np.float32(teacher.precond.sigma_min)
   assert gits_row["fine_grid_size"] == 24 and gits_row["train_seconds"] > 0 and np.isfinite(gits_row["total_cost"])
@@ -180,7 +180,7 @@ def test_gits_on_the_harness_searches_saves_and_reloads(tmp_path, monkeypatch):
 
   path = tmp_path / "schedules" / f"gits_{cell.tag}.json"
   saved = json.loads(path.read_text())
-  assert saved["sigmas"] == gits_row["schedule"] and saved["identity"]["teacher"] == teacher.identity
+  assert saved["sigmas"] == gits_row["schedule"]["sigmas"] and saved["identity"]["teacher"] == teacher.identity
   assert saved["identity"]["num_warmup"] == 64 and saved["identity"]["nfe"] == 3
   assert len(saved["identity"]["fine_grid"]) == 24 and len(saved["jump_costs"]) == 23
 
