@@ -31,7 +31,13 @@ from absl import logging
 
 from mteo_jax import config_utils, loop, parallel
 from mteo_jax import harness as harness_module
-from mteo_jax.harness import Harness, HarnessConfig, ReferenceConfig
+from mteo_jax.harness import (
+  Harness,
+  HarnessConfig,
+  ReferenceConfig,
+  check_cells,
+  harness_config_of,
+)
 from mteo_jax.methods import (
   GITS,
   INDIS,
@@ -95,9 +101,9 @@ class CompareJobConfig:
       self.harness_config(seed=0)
     except ValueError as error:
       raise ValueError(f"{where}.{error}") from None
-    if not self.methods or not self.solvers or not self.nfes:
-      raise ValueError(f"{where}.methods, {where}.solvers and {where}.nfes must be non-empty, got {self.methods}, "
-                       f"{self.solvers} and {self.nfes}")
+    check_cells(self.solvers, self.nfes, where)
+    if not self.methods:
+      raise ValueError(f"{where}.methods must be non-empty; expected some of {sorted(SECTIONS)}")
     for name in self.methods:
       if name not in METHODS or name not in SECTIONS:
         raise ValueError(f"unknown method {name!r} in {where}.methods; expected some of {sorted(SECTIONS)}")
@@ -105,16 +111,9 @@ class CompareJobConfig:
       raise ValueError(f"{where}.methods lists a method twice: {self.methods}")
     if self.num_select < 1:
       raise ValueError(f"{where}.num_select must be >= 1, got {self.num_select}")
-    for solver_name in self.solvers:
-      solver = get_solver(solver_name)   # KeyError listing the registered solvers
-      for nfe in self.nfes:
-        solver.num_steps_for_nfe(nfe)    # ValueError naming the nearest reachable NFE
 
   def harness_config(self, seed: int) -> HarnessConfig:
-    return HarnessConfig(seed=seed, num_train=self.num_train, num_eval=self.num_eval,
-                         eval_batch_size=self.eval_batch_size, teacher_steps=self.teacher_steps,
-                         schedule=self.schedule, rho=self.rho, grid_size=self.grid_size, reference=self.reference,
-                         progress=self.progress)
+    return harness_config_of(self, seed)
 
   @property
   def sections(self) -> set[str]:

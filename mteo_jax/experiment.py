@@ -17,9 +17,14 @@ from pathlib import Path
 import ml_collections
 
 from mteo_jax import config_utils, loop, parallel
-from mteo_jax.harness import Harness, HarnessConfig, ReferenceConfig
+from mteo_jax.harness import (
+  Harness,
+  HarnessConfig,
+  ReferenceConfig,
+  check_cells,
+  harness_config_of,
+)
 from mteo_jax.methods import MTEO, BaseSolver, MTEOSettings
-from mteo_jax.solvers import get_solver
 from mteo_jax.teachers import Teacher, resolve_teacher
 
 
@@ -58,18 +63,10 @@ class MTEOJobConfig(MTEOSettings):
       raise ValueError(f"{where}.{error}") from None
     if self.batch_size > self.num_train:
       raise ValueError(f"{where}.batch_size={self.batch_size} exceeds {where}.num_train={self.num_train}")
-    if not self.solvers or not self.nfes:
-      raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {self.solvers} and {self.nfes}")
-    for solver_name in self.solvers:
-      solver = get_solver(solver_name)   # KeyError listing the registered solvers
-      for nfe in self.nfes:
-        solver.num_steps_for_nfe(nfe)    # ValueError naming the nearest reachable NFE
+    check_cells(self.solvers, self.nfes, where)
 
   def harness_config(self, seed: int) -> HarnessConfig:
-    return HarnessConfig(seed=seed, num_train=self.num_train, num_eval=self.num_eval,
-                         eval_batch_size=self.eval_batch_size, teacher_steps=self.teacher_steps,
-                         schedule=self.schedule, rho=self.rho, grid_size=self.grid_size, reference=self.reference,
-                         progress=self.progress)
+    return harness_config_of(self, seed)
 
   def method_settings(self) -> MTEOSettings:
     return MTEOSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MTEOSettings)})

@@ -109,6 +109,25 @@ class HarnessConfig:
       raise ValueError(f"rho must be > 0, got {self.rho}")
 
 
+def harness_config_of(section: Any, seed: int) -> HarnessConfig:
+  """The ``HarnessConfig`` of a job's config section that holds the harness's keys under their own names (``num_train``,
+  ``num_eval``, ``eval_batch_size``, ``teacher_steps``, ``schedule``, ``rho``, ``grid_size``, ``reference``,
+  ``progress``). Raises what ``HarnessConfig`` raises."""
+  names = [f.name for f in dataclasses.fields(HarnessConfig) if f.name != "seed"]
+  return HarnessConfig(seed=seed, **{name: getattr(section, name) for name in names})
+
+
+def check_cells(solvers: Sequence[str], nfes: Sequence[int], where: str) -> None:
+  """Every solver is registered and reaches every NFE (KeyError listing the solvers; ValueError naming the nearest
+  reachable NFE); neither list is empty."""
+  if not solvers or not nfes:
+    raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {tuple(solvers)} and {tuple(nfes)}")
+  for solver_name in solvers:
+    solver = get_solver(solver_name)
+    for nfe in nfes:
+      solver.num_steps_for_nfe(nfe)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
   """One (solver, NFE) a method is asked to serve, with the harness's base schedule for it.
