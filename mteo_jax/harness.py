@@ -45,6 +45,7 @@ Sampler = Callable[[np.ndarray, "np.ndarray | None"], jax.Array]
 # The names of ``reference.REFERENCE_SOLVERS``, here so that a config is checked without importing diffrax (a test
 # keeps the two equal).
 REFERENCE_SOLVER_NAMES = ("dopri5", "dopri8", "tsit5")
+MAX_RHO = 1000.0
 
 
 def noise_seeds(seed: int) -> tuple[int, int]:
@@ -105,8 +106,9 @@ class HarnessConfig:
     if self.schedule == "explicit":
       raise ValueError("schedule='explicit' needs a grid per NFE; use edm, time_uniform or logsnr_uniform")
     SCHEDULES.get(self.schedule)   # KeyError listing the valid names
-    if self.schedule == "edm" and not self.rho > 0:
-      raise ValueError(f"rho must be > 0, got {self.rho}")
+    if self.schedule == "edm" and not 0 < self.rho <= MAX_RHO:
+      # Beyond a few hundred, sigma^(1/rho) rounds to one in float32 and the grid collapses.
+      raise ValueError(f"rho must be finite, > 0 and <= {MAX_RHO:g} (EDM uses 7), got {self.rho}")
 
 
 def harness_config_of(section: Any, seed: int) -> HarnessConfig:
@@ -264,6 +266,7 @@ class Harness:
     self.cache = ReferenceCache(self.workdir / "references")
     self.rows: list[dict] = []
     self.pictures: dict[str, np.ndarray] = {}
+    self.picture_nfe: int | None = None   # the NFE of the comparison pictures: the first cell's of the first run
     self._cells: list[Cell] = []
     self._train_reference: tuple[np.ndarray, Reference] | None = None
     self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed,
@@ -367,6 +370,8 @@ class Harness:
     """Fits every method on every cell and scores it (cells in order; methods in order within a cell). Samples of
     the first NFE go to the comparison picture as ``"<solver>"`` (the method ``base``) or ``"<solver> + <METHOD>"``."""
     first_nfe = cells[0].nfe if cells else None
+    if self.picture_nfe is None:
+      self.picture_nfe = first_nfe
     rows = []
     for cell in cells:
       for method in methods:
@@ -395,7 +400,8 @@ class Harness:
                "noise_seeds": {"train": self.train_seed, "eval": self.eval_seed}, "rows": self.rows}
     path = self.workdir / "results.json"
     write_json(path, results)
-    errors = draw_pictures(self.workdir, self.pictures, self.rows, picture_nfe)
+    errors = draw_pictures(self.workdir, self.pictures, self.rows,
+                           self.picture_nfe if picture_nfe is None else picture_nfe)
     if errors:
       results["picture_errors"] = errors
       write_json(path, results)

@@ -153,6 +153,8 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   ``experiment.json`` is refused whatever ``overwrite`` says: nothing that this library did not write is deleted.
   """
   workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"the workdir {workdir} exists and is not a directory; give a new or empty directory")
   workdir.mkdir(parents=True, exist_ok=True)
   marker = workdir / EXPERIMENT_FILE
   identity = config_utils.to_plain(identity)

@@ -140,6 +140,9 @@ def test_artefacts_reload_for_their_own_run_only(run):
     ({"gits.fine_grid_size": 3}, "gits.fine_grid_size=3 allows at most 2 steps"),
     ({"compare.teacher": "pretrained:nope"}, "nope"),
     ({"compare.nfes": (3, 0)}, "(?i)nfe"),
+    ({"compare.rho": float("inf")}, "rho must be finite"),
+    ({"compare.rho": 1e30}, "rho must be finite, > 0 and <= 1000"),
+    ({"gits.rho": float("nan")}, "gits.rho must be finite"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, change, message):
   config = tiny_config()
@@ -149,6 +152,14 @@ def test_bad_configs_fail_before_any_work(tmp_path, change, message):
   with pytest.raises(modes.ConfigError, match=message):
     modes.run(config, tmp_path / "w")
   assert not (tmp_path / "w").exists()
+
+
+def test_a_workdir_that_is_a_file_is_refused(tmp_path):
+  path = tmp_path / "results.txt"
+  path.write_text("kept")
+  with pytest.raises(modes.ConfigError, match="is not a directory"):
+    modes.run(tiny_config(), path)
+  assert path.read_text() == "kept"
 
 
 def test_the_orders_and_schedules_are_checked():

@@ -86,6 +86,7 @@ def test_a_method_in_one_file_runs_on_the_harness(gmm_teacher, tmp_path):
   assert [r["method"] for r in stored["rows"]] == ["teacher", "base", "mteo", "time_shift"] == \
       [r["method"] for r in results["rows"]]
   assert stored["rows"][-1]["loss_curve"]["step"][-1] == 60
+  assert "picture_errors" not in results and (tmp_path / "rmse_bars.png").exists()   # at the first NFE by default
   assert (tmp_path / "time_shift" / "euler_nfe3" / "metrics.jsonl").exists()
   # The training noise was solved once, for all three methods: one reference file for it, one for the held-out noise.
   assert len(list((tmp_path / "references").glob("reference-*.npz"))) == 2

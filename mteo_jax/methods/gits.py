@@ -42,7 +42,7 @@ import numpy as np
 
 from mteo_jax import loop, mteo
 from mteo_jax.diffusion import coefficient_dtype
-from mteo_jax.harness import Artefact, Cell, Harness, Sampler
+from mteo_jax.harness import MAX_RHO, Artefact, Cell, Harness, Sampler
 from mteo_jax.methods.base import METHODS, Method
 from mteo_jax.schedules import SCHEDULES, get_schedule, validate_sigmas
 
@@ -271,8 +271,8 @@ class GITSSettings:
     if self.schedule == "explicit":
       raise ValueError("gits.schedule='explicit' has no fine grid to build; use edm, time_uniform or logsnr_uniform")
     SCHEDULES.get(self.schedule)   # KeyError listing the valid names
-    if self.schedule == "edm" and not (math.isfinite(self.rho) and self.rho > 0):
-      raise ValueError(f"gits.rho must be finite and > 0, got {self.rho!r}")
+    if self.schedule == "edm" and not 0 < self.rho <= MAX_RHO:
+      raise ValueError(f"gits.rho must be finite, > 0 and <= {MAX_RHO:g}, got {self.rho!r}")
     if self.distance not in DISTANCES:
       raise ValueError(f"unknown gits.distance {self.distance!r}; expected one of {list(DISTANCES)}")
     if not (math.isfinite(self.coeff) and self.coeff > 0):
