@@ -31,13 +31,7 @@ from absl import logging
 
 from mteo_jax import config_utils, loop, parallel
 from mteo_jax import harness as harness_module
-from mteo_jax.harness import (
-  Harness,
-  HarnessConfig,
-  ReferenceConfig,
-  check_cells,
-  harness_config_of,
-)
+from mteo_jax.harness import Harness, HarnessJob
 from mteo_jax.methods import (
   GITS,
   INDIS,
@@ -53,7 +47,7 @@ from mteo_jax.methods import (
   ScheduledMTEO,
 )
 from mteo_jax.solvers import get_solver
-from mteo_jax.teachers import Teacher, resolve_teacher
+from mteo_jax.teachers import Teacher
 
 # The issue's comparison: the plain EDM-rho schedule, GITS, LD3, INDIS, MTEO and MTEO on the best schedule.
 COMPARE_METHODS = ("base", "gits", "ld3", "indis", "mteo", "mteo_on_best")
@@ -66,42 +60,21 @@ SETTINGS = {"mteo": MTEOSettings, "gits": GITSSettings, "ld3": LD3Settings, "ind
 
 
 @dataclasses.dataclass(frozen=True)
-class CompareJobConfig:
-  """The ``compare`` section: the teacher, the cells, the methods and the harness's settings.
+class CompareJobConfig(HarnessJob):
+  """The ``compare`` section: the teacher, the cells and the harness's settings (``harness.HarnessJob``), and:
 
   Attributes:
-    teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
     methods: registered method names, scored in this order on every cell.
-    solvers, nfes: the cells, every solver at every NFE.
-    schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
-    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference, progress: ``harness.HarnessConfig``.
+    progress: progress bars (``harness.HarnessConfig``).
     num_select: training noises ``mteo_on_best`` compares the schedules on.
   """
-  teacher: str = ""
   methods: tuple[str, ...] = COMPARE_METHODS
-  solvers: tuple[str, ...] = ("ipndm", "dpmpp_2m")
-  nfes: tuple[int, ...] = (3,)
-  schedule: str = "edm"
-  rho: float = 7.0
-  num_train: int = 1024
-  num_eval: int = 1000
-  eval_batch_size: int = 500
-  teacher_steps: int = 50
-  grid_size: int = 10
-  reference: ReferenceConfig = ReferenceConfig()
   progress: bool = True
   num_select: int = 256
 
   def __post_init__(self):
     where = "compare"
-    if not self.teacher:
-      raise ValueError(f"{where}.teacher is required: an exported teacher directory or pretrained:<name>")
-    resolve_teacher(self.teacher)   # FileNotFoundError listing the shipped teachers
-    try:
-      self.harness_config(seed=0)
-    except ValueError as error:
-      raise ValueError(f"{where}.{error}") from None
-    check_cells(self.solvers, self.nfes, where)
+    self.check_harness(where)
     if not self.methods:
       raise ValueError(f"{where}.methods must be non-empty; expected some of {sorted(SECTIONS)}")
     for name in self.methods:
@@ -111,9 +84,6 @@ class CompareJobConfig:
       raise ValueError(f"{where}.methods lists a method twice: {self.methods}")
     if self.num_select < 1:
       raise ValueError(f"{where}.num_select must be >= 1, got {self.num_select}")
-
-  def harness_config(self, seed: int) -> HarnessConfig:
-    return harness_config_of(self, seed)
 
   @property
   def sections(self) -> set[str]:

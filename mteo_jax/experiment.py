@@ -17,56 +17,24 @@ from pathlib import Path
 import ml_collections
 
 from mteo_jax import config_utils, loop, parallel
-from mteo_jax.harness import (
-  Harness,
-  HarnessConfig,
-  ReferenceConfig,
-  check_cells,
-  harness_config_of,
-)
+from mteo_jax.harness import Harness, HarnessJob
 from mteo_jax.methods import MTEO, BaseSolver, MTEOSettings
-from mteo_jax.teachers import Teacher, resolve_teacher
+from mteo_jax.teachers import Teacher
 
 
 @dataclasses.dataclass(frozen=True)
-class MTEOJobConfig(MTEOSettings):
+class MTEOJobConfig(HarnessJob, MTEOSettings):
   """The ``mteo`` section: MTEO's settings (``methods.MTEOSettings``: the training loop's keys and the table's), the
-  harness's (``harness.HarnessConfig``), the teacher and the cells.
-
-  Attributes:
-    teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
-    solvers, nfes: the cells, every solver at every NFE.
-    schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
-    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference: see ``harness.HarnessConfig``.
-  """
-  teacher: str = ""
+  teacher, the cells and the harness's settings (``harness.HarnessJob``; here every solver MTEO is shown with by
+  default)."""
   solvers: tuple[str, ...] = ("euler", "dpmpp_2m", "unipc", "ipndm")
-  nfes: tuple[int, ...] = (3,)
-  schedule: str = "edm"
-  rho: float = 7.0
-  num_train: int = 1024
-  num_eval: int = 1000
-  eval_batch_size: int = 500
-  teacher_steps: int = 50
-  grid_size: int = 10
-  reference: ReferenceConfig = ReferenceConfig()
 
   def check(self, where: str) -> None:
     """Every setting is checked here, before any reference solve or training: a typo costs seconds, not minutes."""
     super().check(where)
-    if not self.teacher:
-      raise ValueError(f"{where}.teacher is required: an exported teacher directory or pretrained:<name>")
-    resolve_teacher(self.teacher)   # FileNotFoundError listing the shipped teachers
-    try:
-      self.harness_config(seed=0)   # num_train, num_eval, eval_batch_size, teacher_steps, grid_size, schedule, rho
-    except ValueError as error:
-      raise ValueError(f"{where}.{error}") from None
+    self.check_harness(where)
     if self.batch_size > self.num_train:
       raise ValueError(f"{where}.batch_size={self.batch_size} exceeds {where}.num_train={self.num_train}")
-    check_cells(self.solvers, self.nfes, where)
-
-  def harness_config(self, seed: int) -> HarnessConfig:
-    return harness_config_of(self, seed)
 
   def method_settings(self) -> MTEOSettings:
     return MTEOSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MTEOSettings)})

@@ -36,7 +36,7 @@ from mteo_jax import config_utils, metrics
 from mteo_jax import data as data_lib
 from mteo_jax.schedules import SCHEDULES, get_schedule
 from mteo_jax.solvers import get_solver
-from mteo_jax.teachers import Teacher, label_seed
+from mteo_jax.teachers import Teacher, label_seed, resolve_teacher
 
 if TYPE_CHECKING:
   from mteo_jax.reference import Reference
@@ -128,6 +128,50 @@ def check_cells(solvers: Sequence[str], nfes: Sequence[int], where: str) -> None
     solver = get_solver(solver_name)
     for nfe in nfes:
       solver.num_steps_for_nfe(nfe)
+
+
+@dataclasses.dataclass(frozen=True)
+class HarnessJob:
+  """The keys every job section on the harness holds (``mteo``, ``compare``): the teacher, the cells and the
+  harness's settings under their own names.
+
+  Attributes:
+    teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
+    solvers, nfes: the cells, every solver at every NFE.
+    schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
+    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference: see ``HarnessConfig``.
+  """
+  teacher: str = ""
+  solvers: tuple[str, ...] = ("ipndm", "dpmpp_2m")
+  nfes: tuple[int, ...] = (3,)
+  schedule: str = "edm"
+  rho: float = 7.0
+  num_train: int = 1024
+  num_eval: int = 1000
+  eval_batch_size: int = 500
+  teacher_steps: int = 50
+  grid_size: int = 10
+  reference: ReferenceConfig = ReferenceConfig()
+
+  def check_harness(self, where: str) -> None:
+    """The teacher exists and the harness settings and cells are valid; errors name ``where``.
+
+    Raises:
+      ValueError: no teacher, a bad harness setting, or a bad cell (``check_cells``).
+      FileNotFoundError: a teacher that does not exist (``resolve_teacher`` lists the shipped ones).
+      KeyError: an unknown solver or schedule.
+    """
+    if not self.teacher:
+      raise ValueError(f"{where}.teacher is required: an exported teacher directory or pretrained:<name>")
+    resolve_teacher(self.teacher)
+    try:
+      self.harness_config(seed=0)   # num_train, num_eval, eval_batch_size, teacher_steps, grid_size, schedule, rho
+    except ValueError as error:
+      raise ValueError(f"{where}.{error}") from None
+    check_cells(self.solvers, self.nfes, where)
+
+  def harness_config(self, seed: int) -> HarnessConfig:
+    return harness_config_of(self, seed)
 
 
 @dataclasses.dataclass(frozen=True)
