@@ -72,6 +72,51 @@ def test_dynamic_programme_rejects_impossible_paths_and_bad_costs():
   assert gits.path_pairs(6, 1).sum() == 1 and not gits.path_pairs(6, 5)[0, 2]
 
 
+def brute_force_with_history(cost, history_cost, num_steps, coeff, history):
+  """The enumerated optimum when jump n costs ``history_cost[p_{n-1}, p_n, p_{n+1}]`` where ``history[n]``."""
+  last = cost.shape[0] - 1
+  best = (None, np.inf)
+  for middle in itertools.combinations(range(1, last), num_steps - 1):
+    path = (0, *middle, last)
+    total = sum(coeff ** n * (history_cost[path[n - 1], path[n], path[n + 1]] if history[n] else cost[path[n],
+                                                                                                     path[n + 1]])
+                for n in range(num_steps))
+    if total < best[1]:
+      best = (path, total)
+  return best
+
+
+@pytest.mark.parametrize("coeff", [1.0, 1.3])
+def test_dynamic_programme_with_history_equals_brute_force(coeff):
+  """The pair-state programme: every N and any pattern of history flags give the enumerated optimum; all flags False
+  is the plain programme."""
+  rng = np.random.default_rng(1)
+  num_points = 7
+  cost = rng.uniform(0.1, 2.0, (num_points, num_points))
+  history_cost = rng.uniform(0.1, 2.0, (num_points,) * 3)
+  history_cost[0, 0, 1] = np.nan   # not h < i < j: never read
+  for num_steps in range(1, num_points):
+    for flags in itertools.product((False, True), repeat=num_steps - 1):
+      history = (False, *flags)
+      indices, total = gits.gits_schedule(cost, num_steps, coeff=coeff, history_cost=history_cost, history=history)
+      path, expected = brute_force_with_history(cost, history_cost, num_steps, coeff, history)
+      assert tuple(indices.tolist()) == path, (num_steps, history)
+      np.testing.assert_allclose(total, expected, rtol=1e-12)
+      if not any(history):
+        assert gits.gits_schedule(cost, num_steps, coeff=coeff)[0].tolist() == list(path)
+  for bad, match in (({"history": None}, "history must hold"), ({"history": (True, False)}, "history must hold"),
+                     ({"history": (False,)}, "history must hold"),
+                     ({"history_cost": history_cost[:, :, :3]}, "history_cost must be")):
+    with pytest.raises(ValueError, match=match):
+      gits.gits_schedule(cost, 2, **{"history_cost": history_cost, "history": (False, True), **bad})
+  holes = history_cost.copy()
+  holes[0, 2, 4] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    gits.gits_schedule(cost, 2, history_cost=holes, history=(False, True))
+  with pytest.raises(ValueError, match="without a history_cost"):
+    gits.gits_schedule(cost, 2, history=(False, True))
+
+
 @pytest.fixture(scope="module")
 def gaussian():
   with jax.enable_x64(True):
@@ -126,6 +171,44 @@ def test_jump_costs_check_their_inputs(gaussian):
     gits.jump_costs(gaussian.denoise, euler, fine[::-1], states)
 
 
+def test_history_costs_are_the_solvers_second_order_step(gaussian):
+  """``C3[h, i, j]`` against the update formulas written out: iPNDM's order-2 Adams-Bashforth step from x_i with the
+  derivatives at i and h, and DPM-Solver++(2M)'s second-order step with x0_hat at i and h; every entry outside
+  h < i < j is inf; which steps use history follows the solver's own orders."""
+  with jax.enable_x64(True):
+    fine = np.asarray(get_schedule("edm", 5, 0.002, 80.0, rho=7.0))
+    x_T = 80.0 * jax.random.normal(jax.random.key(2), (4, 3), jnp.float64)
+    states = exact_states(gaussian, x_T, fine)
+    x0_hat = gits.denoised_states(gaussian.denoise, fine, states)
+    np.testing.assert_allclose(x0_hat[2], gaussian.denoise(states[2], fine[2]), rtol=1e-12)
+    d = [(states[k] - x0_hat[k]) / fine[k] for k in range(5)]
+    lam = -np.log(fine)
+
+    def ipndm(h, i, j):
+      return states[i] + (fine[j] - fine[i]) * (1.5 * d[i] - 0.5 * d[h])
+
+    def dpmpp_2m(h, i, j):
+      step, r = lam[j] - lam[i], (lam[i] - lam[h]) / (lam[j] - lam[i])
+      x0 = (1 + 1 / (2 * r)) * x0_hat[i] - 1 / (2 * r) * x0_hat[h]
+      return fine[j] / fine[i] * states[i] - np.expm1(-step) * x0
+
+    for name, formula in (("ipndm", ipndm), ("dpmpp_2m", dpmpp_2m)):
+      cost = gits.history_jump_costs(get_solver(name), fine, states, x0_hat, distance="l2", batch_size=5)
+      for h, i, j in itertools.product(range(6), repeat=3):
+        if h < i < j:
+          expected = jnp.mean(jnp.mean((formula(h, i, j) - states[j]) ** 2, axis=-1))
+          np.testing.assert_allclose(cost[h, i, j], expected, rtol=1e-9, err_msg=f"{name} {(h, i, j)}")
+        else:
+          assert cost[h, i, j] == np.inf
+  assert gits.history_steps(get_solver("ipndm"), 4) == (False, True, True, True)
+  assert gits.history_steps(get_solver("dpmpp_2m"), 4) == (False, True, True, False)   # lower-order final step
+  assert gits.history_steps(get_solver("heun"), 3) == (False, False, False)
+  with pytest.raises(ValueError, match="no second-order multistep step"):
+    gits.history_jump_costs(get_solver("euler"), fine, states, x0_hat)
+  with pytest.raises(ValueError, match="x0_hat must be"):
+    gits.history_jump_costs(get_solver("ipndm"), fine, states, x0_hat[:3])
+
+
 @pytest.mark.parametrize("solver_name", ["euler", "ipndm"])
 def test_searched_grid_beats_edm_on_an_exact_gaussian(gaussian, solver_name):
   """Exact teacher, exact warm-up states: at NFE 3 the searched grid's final error on held-out noise is below the
@@ -151,9 +234,11 @@ def test_searched_grid_beats_edm_on_an_exact_gaussian(gaussian, solver_name):
 
 def test_settings_are_checked():
   for name, bad in (("fine_grid_size", 1), ("num_warmup", 0), ("schedule", "explicit"), ("rho", 0.0),
-                    ("distance", "l1"), ("coeff", -1.0), ("batch_size", 0)):
+                    ("distance", "l1"), ("coeffs", (-1.0,)), ("coeffs", ()), ("coeffs", (1.0, 1.0)),
+                    ("coeffs", (float("inf"),)), ("costs", ("dev",)), ("costs", ()), ("batch_size", 0)):
     with pytest.raises(ValueError, match=name if name != "schedule" else "explicit"):
       gits.GITSSettings(**{name: bad})
+  assert gits.GITSSettings(coeffs=[1, 2.5], costs=["history"]).coeffs == (1.0, 2.5)
   with pytest.raises(KeyError, match="unknown schedule"):
     gits.GITSSettings(schedule="cosine")
   grid = gits.GITSSettings(fine_grid_size=5, schedule="logsnr_uniform").fine_grid(0.002, 80.0)
@@ -167,7 +252,7 @@ def test_gits_on_the_harness_searches_saves_and_reloads(tmp_path, monkeypatch):
   teacher = Teacher.load("pretrained:gmm")
   h = harness.Harness(teacher, tmp_path, harness.HarnessConfig(num_train=128, num_eval=128, teacher_steps=5,
                                                                 progress=False))
-  cells = h.cells(("euler",), (3,))
+  cells = h.cells(("ipndm",), (3,))
   settings = gits.GITSSettings(fine_grid_size=24, num_warmup=64)
   method = gits.GITS(settings)
   base_row, gits_row = h.run([BaseSolver(), method], cells)
@@ -183,10 +268,25 @@ def test_gits_on_the_harness_searches_saves_and_reloads(tmp_path, monkeypatch):
   assert saved["sigmas"] == gits_row["schedule"]["sigmas"] and saved["identity"]["teacher"] == teacher.identity
   assert saved["identity"]["num_warmup"] == 64 and saved["identity"]["nfe"] == 3
   assert len(saved["identity"]["fine_grid"]) == 24 and len(saved["jump_costs"]) == 23
+  # One candidate per (cost, coeff); the schedule is the one of least warm-up RMSE; the paper's search (first-step
+  # costs, coeff 1.15) is one of them, the DP on the saved costs.
+  candidates = saved["candidates"]
+  assert [(c["cost"], c["coeff"]) for c in candidates] == [(k, c) for k in settings.costs for c in settings.coeffs]
+  assert saved["chosen"] == int(np.argmin([c["warmup_rmse"] for c in candidates]))
+  assert candidates[saved["chosen"]]["indices"] == saved["indices"] and gits_row["warmup_rmse"] == min(
+      c["warmup_rmse"] for c in candidates)
+  cost = np.full((24, 24), np.inf)
+  for i, row in enumerate(saved["jump_costs"]):
+    cost[i, i + 1:] = row
+  paper = next(c for c in candidates if c["cost"] == "first_step" and c["coeff"] == 1.15)
+  assert paper["indices"] == gits.gits_schedule(cost, 3, coeff=1.15)[0].tolist()
+  assert {tuple(c["indices"]) for c in candidates if c["cost"] == "history"} != {
+      tuple(c["indices"]) for c in candidates if c["cost"] == "first_step"}   # history costs change the paths
 
   def no_search(*args, **kwargs):
     raise AssertionError("a saved schedule must be reused, not searched again")
-  monkeypatch.setattr(gits, "jump_costs", no_search)
+  for name in ("jump_costs", "history_jump_costs", "denoised_states"):
+    monkeypatch.setattr(gits, name, no_search)
   monkeypatch.setattr(h, "reference", no_search)
   again = gits.GITS(settings).fit(h, cell)
   np.testing.assert_array_equal(again.payload, schedule)
@@ -204,7 +304,9 @@ def test_gits_on_the_harness_searches_saves_and_reloads(tmp_path, monkeypatch):
   path.write_text(json.dumps(saved))
   with pytest.raises(loop.ResumeMismatchError, match="num_warmup: 64 -> 32"):
     gits.GITS(gits.GITSSettings(fine_grid_size=24, num_warmup=32)).fit(h, cell)
+  with pytest.raises(loop.ResumeMismatchError, match="coeffs"):
+    gits.GITS(gits.GITSSettings(fine_grid_size=24, num_warmup=64, coeffs=(1.15,))).fit(h, cell)
 
   assert gits.GITS(gits.GITSSettings(num_warmup=10_000)).identity(h, cell)["num_warmup"] == 128   # capped
   with pytest.raises(ValueError, match="at most 2 steps"):
-    gits.GITS(gits.GITSSettings(fine_grid_size=3)).fit(h, h.cells(("euler",), (3,))[0])
+    gits.GITS(gits.GITSSettings(fine_grid_size=3)).fit(h, h.cells(("ipndm",), (3,))[0])
