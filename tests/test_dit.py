@@ -47,16 +47,17 @@ def test_dit_is_registered():
   assert BACKBONES.get("dit") is DiT
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["jit", "eager"])
 @pytest.mark.parametrize("num_classes", [0, 10], ids=["uncond", "cond"])
-def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(num_classes):
+def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(num_classes, eager):
   backbone = _dit(num_classes=num_classes)
   params = _random_params(backbone)
   x, c_noise, label = _inputs(backbone)
-  plain = assert_lifted_identity(backbone, params, x, c_noise, label)
+  plain = assert_lifted_identity(backbone, params, x, c_noise, label, eager=eager)
   assert float(jnp.std(plain)) > 1e-3   # a live network, not adaLN-Zero's zeros
   # ``train`` is accepted for the common interface and changes nothing (DiT has no dropout).
-  np.testing.assert_array_equal(backbone.apply(params, x, c_noise, label, train=True),
-                                backbone.apply(params, x, c_noise, label))
+  apply = jax.jit(lambda x, c, y, train: backbone.apply(params, x, c, y, train=train), static_argnames="train")
+  np.testing.assert_array_equal(apply(x, c_noise, label, train=True), apply(x, c_noise, label, train=False))
 
 
 @pytest.mark.parametrize("depth", [1, 3])

@@ -36,12 +36,13 @@ def _inputs(backbone, batch=3):
   return x, c_noise, label
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["jit", "eager"])
 @pytest.mark.parametrize("make", [_mlp, lambda: _unet(), lambda: _unet(num_classes=10)], ids=["mlp", "unet", "unet-cond"])
-def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(make):
+def test_lifted_embedding_equals_plain_forward_pass_bit_for_bit(make, eager):
   backbone = make()
   params = _perturbed_init(backbone)
   x, c_noise, label = _inputs(backbone)
-  assert_lifted_identity(backbone, params, x, c_noise, label)
+  assert_lifted_identity(backbone, params, x, c_noise, label, eager=eager)
 
 
 def _expected_unet_layers(levels, num_blocks):
