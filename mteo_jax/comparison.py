@@ -118,6 +118,8 @@ class CompareConfig:
     if "ld3" in used and self.ld3.num_train > job.num_train:
       raise ValueError(f"ld3.num_train={self.ld3.num_train} exceeds compare.num_train={job.num_train}")
     if "gits" in used:
+      if self.gits.num_warmup > job.num_train:   # the warm-up noises are the first training noises
+        raise ValueError(f"gits.num_warmup={self.gits.num_warmup} exceeds compare.num_train={job.num_train}")
       for solver_name in job.solvers:
         for nfe in job.nfes:
           steps = get_solver(solver_name).num_steps_for_nfe(nfe)

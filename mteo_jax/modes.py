@@ -74,6 +74,16 @@ MODES.register("compare")(Mode("compare", comparison.CompareConfig, comparison.r
 
 # --- defaults --------------------------------------------------------------------------------------------------------
 
+def _config_value(value: Any) -> Any:
+  """A default as a config value: a dataclass instance becomes a dict of its fields; tuples stay tuples (a list in a
+  ConfigDict cannot be overridden from the command line, ``--config.gits.coeffs='(1.15,)'``)."""
+  if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    return {f.name: _config_value(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+  if isinstance(value, (tuple, list)):
+    return tuple(_config_value(v) for v in value)
+  return config_utils.to_plain(value)
+
+
 def defaults(cls: type) -> dict:
   """The defaults of a config dataclass as a nested dict (nested dataclass fields recurse by their type)."""
   hints = typing.get_type_hints(cls)
@@ -85,10 +95,9 @@ def defaults(cls: type) -> dict:
     if dataclasses.is_dataclass(kind) and field.default is dataclasses.MISSING:
       tree[field.name] = defaults(kind)
     elif field.default is not dataclasses.MISSING:
-      tree[field.name] = config_utils.to_plain(field.default) if dataclasses.is_dataclass(field.default) \
-          else field.default
+      tree[field.name] = _config_value(field.default)
     elif field.default_factory is not dataclasses.MISSING:
-      tree[field.name] = config_utils.to_plain(field.default_factory())
+      tree[field.name] = _config_value(field.default_factory())
     else:
       raise TypeError(f"{cls.__name__}.{field.name} has no default; every config key needs one")
   return tree

@@ -392,7 +392,8 @@ class GITSSettings:
   Attributes:
     fine_grid_size: M, the points of the fine grid (both endpoints included); at least N + 1.
     schedule, rho: the fine grid's schedule (``schedules.SCHEDULES``, not ``explicit``); ``rho`` for ``edm`` only.
-    num_warmup: K, the warm-up trajectories: the first K training noises (at most ``num_train``).
+    num_warmup: K, the warm-up trajectories: the first K training noises (the compare config refuses more than
+      ``compare.num_train``; on a harness in Python, K is capped at its ``num_train``).
     distance: ``l2`` or ``rmse`` (``jump_costs``).
     coeffs: the weight ratios searched (``gits_schedule``'s ``coeff``: jump n of a path weighs ``coeff^n``; 1 = the
       least total cost); each finite and > 0, no repeats.
