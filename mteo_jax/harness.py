@@ -121,9 +121,12 @@ def harness_config_of(section: Any, seed: int) -> HarnessConfig:
 
 def check_cells(solvers: Sequence[str], nfes: Sequence[int], where: str) -> None:
   """Every solver is registered and reaches every NFE (KeyError listing the solvers; ValueError naming the nearest
-  reachable NFE); neither list is empty."""
+  reachable NFE); neither list is empty or repeats an entry."""
   if not solvers or not nfes:
     raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {tuple(solvers)} and {tuple(nfes)}")
+  for name, values in (("solvers", tuple(solvers)), ("nfes", tuple(nfes))):
+    if len(set(values)) != len(values):
+      raise ValueError(f"{where}.{name} lists an entry twice: {values} (each cell is scored once)")
   for solver_name in solvers:
     solver = get_solver(solver_name)
     for nfe in nfes:

@@ -319,6 +319,8 @@ def test_main_job_pictures_for_every_data_shape(tmp_path, monkeypatch, shape):
     ({"teacher": "pretrained:nope"}, r"no shipped teacher 'nope'; shipped teachers: \[.*'digits'.*'gmm'"),
     ({"learning_rate": 1e-2}, r"unknown key\(s\) \['config.mteo.learning_rate'\]; valid keys of config.mteo: .*'lr'"),
     ({"nfes": ()}, r"mteo.solvers and mteo.nfes must be non-empty"),
+    ({"nfes": (5, 3, 3)}, r"mteo.nfes lists an entry twice: \(5, 3, 3\)"),
+    ({"solvers": ("ipndm", "ipndm")}, r"mteo.solvers lists an entry twice"),
     ({"reference": {"solver": "rk4"}}, r"unknown reference solver 'rk4'"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, overrides, match):
