@@ -111,28 +111,6 @@ class HarnessConfig:
       raise ValueError(f"rho must be finite, > 0 and <= {MAX_RHO:g} (EDM uses 7), got {self.rho}")
 
 
-def harness_config_of(section: Any, seed: int) -> HarnessConfig:
-  """The ``HarnessConfig`` of a job's config section that holds the harness's keys under their own names (``num_train``,
-  ``num_eval``, ``eval_batch_size``, ``teacher_steps``, ``schedule``, ``rho``, ``grid_size``, ``reference``,
-  ``progress``). Raises what ``HarnessConfig`` raises."""
-  names = [f.name for f in dataclasses.fields(HarnessConfig) if f.name != "seed"]
-  return HarnessConfig(seed=seed, **{name: getattr(section, name) for name in names})
-
-
-def check_cells(solvers: Sequence[str], nfes: Sequence[int], where: str) -> None:
-  """Every solver is registered and reaches every NFE (KeyError listing the solvers; ValueError naming the nearest
-  reachable NFE); neither list is empty or repeats an entry."""
-  if not solvers or not nfes:
-    raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {tuple(solvers)} and {tuple(nfes)}")
-  for name, values in (("solvers", tuple(solvers)), ("nfes", tuple(nfes))):
-    if len(set(values)) != len(values):
-      raise ValueError(f"{where}.{name} lists an entry twice: {values} (each cell is scored once)")
-  for solver_name in solvers:
-    solver = get_solver(solver_name)
-    for nfe in nfes:
-      solver.num_steps_for_nfe(nfe)
-
-
 @dataclasses.dataclass(frozen=True)
 class HarnessJob:
   """The keys every job section on the harness holds (``mteo``, ``compare``): the teacher, the cells and the
@@ -160,7 +138,7 @@ class HarnessJob:
     """The teacher exists and the harness settings and cells are valid; errors name ``where``.
 
     Raises:
-      ValueError: no teacher, a bad harness setting, or a bad cell (``check_cells``).
+      ValueError: no teacher, a bad harness setting, or a bad cell (none, repeated, or an unreachable NFE).
       FileNotFoundError: a teacher that does not exist (``resolve_teacher`` lists the shipped ones).
       KeyError: an unknown solver or schedule.
     """
@@ -171,10 +149,23 @@ class HarnessJob:
       self.harness_config(seed=0)   # num_train, num_eval, eval_batch_size, teacher_steps, grid_size, schedule, rho
     except ValueError as error:
       raise ValueError(f"{where}.{error}") from None
-    check_cells(self.solvers, self.nfes, where)
+    # Every solver is registered (KeyError listing them) and reaches every NFE (ValueError naming the nearest).
+    if not self.solvers or not self.nfes:
+      raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {tuple(self.solvers)} and "
+                       f"{tuple(self.nfes)}")
+    for name in ("solvers", "nfes"):
+      values = tuple(getattr(self, name))
+      if len(set(values)) != len(values):
+        raise ValueError(f"{where}.{name} lists an entry twice: {values} (each cell is scored once)")
+    for solver_name in self.solvers:
+      solver = get_solver(solver_name)
+      for nfe in self.nfes:
+        solver.num_steps_for_nfe(nfe)
 
   def harness_config(self, seed: int) -> HarnessConfig:
-    return harness_config_of(self, seed)
+    """The ``HarnessConfig`` of these keys (``progress`` from the section too). Raises what ``HarnessConfig`` raises."""
+    names = [f.name for f in dataclasses.fields(HarnessConfig) if f.name != "seed"]
+    return HarnessConfig(seed=seed, **{name: getattr(self, name) for name in names})
 
 
 @dataclasses.dataclass(frozen=True)

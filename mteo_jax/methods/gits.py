@@ -28,8 +28,9 @@ teacher the paper's single path (coeff 1.15, first-step costs) lost to EDM-rho a
 or cost won everywhere, while the warm-up RMSE ranked the candidate paths as the held-out RMSE did.
 
 ``GITS`` runs this on the harness: K warm-up noises are the first K training noises (their reference is solved once
-on the fine grid and cached), the search takes seconds, and the schedule is saved, with every candidate path and its
-warm-up RMSE, to ``WORKDIR/schedules/gits_<solver>_nfe<N>.json`` and reused on a rerun with the same settings.
+on the fine grid and cached), the search takes seconds on gmm and a few minutes on digits on 2 CPU cores, and the
+schedule is saved, with every candidate path and its warm-up RMSE, to ``WORKDIR/schedules/gits_<solver>_nfe<N>.json``
+and reused on a rerun with the same settings.
 """
 
 from __future__ import annotations
