@@ -18,9 +18,9 @@ Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and D
     python -m mteo_jax.main --config=configs/fmnist.py:compare --workdir=runs/fmnist_compare
 
 Variants: ``mteo``, ``mteo_full``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver), ``schedules`` (NFE
-3, 4 and 5), ``combined`` (MTEO on each schedule), ``compare``, ``default`` (CPU-sized: 0.35M parameters, 16 base channels, 6k steps of 32;
-measured 2.3-3 steps/s on a 2-core CPU machine with nothing else running, 0.6 s per step when it shares the cores),
-``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
+3, 4 and 5), ``combined`` (MTEO on each schedule), ``compare``, ``default`` (CPU-sized: 0.35M parameters, 16 base
+channels, 6k steps of 32; measured 2.3-3 steps/s on a 2-core CPU machine with nothing else running, 0.6 s per step when
+it shares the cores), ``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
 of 256; the GPU time is an estimate, not measured), ``tiny``.
 """
 

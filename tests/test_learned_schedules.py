@@ -121,6 +121,20 @@ def test_endpoint_losses():
     ls.endpoint_loss("l1")
 
 
+@pytest.mark.parametrize("settings_class", [LD3Settings, INDISSettings])
+def test_endpoint_settings_checked(settings_class):
+  """LD3's and INDIS's loss, radius and gap floor are checked by their shared settings, naming the section."""
+  settings_class(loss="soft_teacher", radius=0.05)
+  section = settings_class.section
+  bad = [({"loss": "l1"}, f"{section}.loss / {section}.radius"), ({"radius": 0.1}, "no radius"),
+         ({"loss": "soft_teacher"}, "radius > 0"),
+         ({"min_fraction": 0.0}, rf"{section}.min_fraction must be in \(0, 1\)"),
+         ({"min_fraction": 1.0}, f"{section}.min_fraction")]
+  for fields, message in bad:
+    with pytest.raises(ValueError, match=message):
+      settings_class(**fields)
+
+
 # --- phi, the shift and the scale -----------------------------------------------------------------------------------
 
 @functools.cache

@@ -334,7 +334,8 @@ for _schedule in JOINT_SCHEDULES:
   METHODS.register(f"mteo_joint_{_schedule}")(functools.partial(ScheduledMTEO, _schedule, "joint"))
 
 
-def load_combined(path: str | os.PathLike, teacher: Any, *, method: str, solver_name: str, nfe: int) -> tuple[dict, dict]:
+def load_combined(path: str | os.PathLike, teacher: Any, *, method: str, solver_name: str,
+                  nfe: int) -> tuple[dict, dict]:
   """An artefact saved by ``mteo_on_indis`` or ``mteo_joint_<ld3|indis>`` for ``teacher``, this solver and NFE.
 
   Returns:

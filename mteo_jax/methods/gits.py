@@ -238,7 +238,7 @@ def _distance(x: jax.Array, target: jax.Array, distance: str) -> jax.Array:
 
 
 def _chunked_pairs(fn: Callable[..., jax.Array], index: np.ndarray, size: int, *args) -> np.ndarray:
-  """``fn(*args, *index.T)`` for the rows of ``index`` [P, k] in jitted, vmapped chunks of ``size`` (the last padded)."""
+  """``fn(*args, *index.T)`` for the rows of ``index`` [P, k], in jitted, vmapped chunks of ``size`` (last padded)."""
   jumps = jax.jit(jax.vmap(fn, in_axes=(None,) * len(args) + (0,) * index.shape[1]))
   size = min(size, len(index))
   out = np.empty(len(index))

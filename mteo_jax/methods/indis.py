@@ -28,11 +28,11 @@ from mteo_jax import learned_schedules as ls
 from mteo_jax import loop
 from mteo_jax.harness import Artefact, Cell, Harness, Sampler
 from mteo_jax.methods.base import METHODS, Method
-from mteo_jax.methods.ld3 import own_settings
+from mteo_jax.methods.ld3 import EndpointSettings, own_settings
 
 
 @dataclasses.dataclass(frozen=True)
-class INDISSettings(loop.LoopConfig):
+class INDISSettings(EndpointSettings):
   """INDIS's settings: the training loop's (``loop.LoopConfig`` with INDIS's defaults: 600 Adam steps at lr 3e-3, 30
   warm-up steps, cosine to 5 %, clipping at 1, batch 64) and phi's.
 
@@ -43,8 +43,7 @@ class INDISSettings(loop.LoopConfig):
     time_shift, b_shift: predict the time shift, bounded by ``b_shift`` in log-sigma units (> 0).
     output_scale, b_scale: predict the scale of the denoiser output, in ``(1 - b_scale, 1 + b_scale)``
       (``0 < b_scale < 1``).
-    loss, radius: the endpoint loss, as in ``LD3Settings``.
-    min_fraction: the floor of each gap's share of the log-sigma range (``sigmas_from_logits``).
+    loss, radius, min_fraction: the endpoint loss and the gap floor (``ld3.EndpointSettings``).
     eval_every: held-out RMSE on 256 evaluation noises every this many steps (0 = never), in ``metrics.jsonl``.
     save_params: save phi to ``WORKDIR/schedules/indis_<solver>_nfe<N>``.
   """
@@ -65,9 +64,6 @@ class INDISSettings(loop.LoopConfig):
   b_shift: float = 0.2
   output_scale: bool = True
   b_scale: float = 0.1
-  loss: str = "l2"
-  radius: float = 0.0
-  min_fraction: float = ls.DEFAULT_MIN_FRACTION
   eval_every: int = 0
   save_params: bool = True
 
@@ -85,12 +81,6 @@ class INDISSettings(loop.LoopConfig):
       raise ValueError(f"{where}.b_shift must be > 0, got {self.b_shift}")
     if not 0 < self.b_scale < 1:
       raise ValueError(f"{where}.b_scale must be in (0, 1), got {self.b_scale}")
-    try:
-      ls.endpoint_loss(self.loss, self.radius)
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"{where}.loss / {where}.radius: {e}") from None
-    if not 0 < self.min_fraction < 1:
-      raise ValueError(f"{where}.min_fraction must be in (0, 1), got {self.min_fraction}")
 
 
 def build_predictor(settings: INDISSettings, cell: Cell, num_classes: int, sigma_max: float) -> ls.SchedulePredictor:

@@ -33,7 +33,30 @@ from mteo_jax.methods.base import METHODS, Method
 
 
 @dataclasses.dataclass(frozen=True)
-class LD3Settings(loop.LoopConfig):
+class EndpointSettings(loop.LoopConfig):
+  """The settings LD3 and INDIS share beside the training loop's: the endpoint loss and the schedule's gap floor.
+
+  Attributes:
+    loss: ``l2`` or ``soft_teacher`` (``learned_schedules.soft_teacher_loss``); radius: the soft teacher's radius in
+      data units (RMS per coordinate; must be 0 for ``l2`` and > 0 for ``soft_teacher``).
+    min_fraction: the floor of each gap's share of the log-sigma range (``sigmas_from_logits``).
+  """
+  loss: str = "l2"
+  radius: float = 0.0
+  min_fraction: float = ls.DEFAULT_MIN_FRACTION
+
+  def check(self, where: str) -> None:
+    super().check(where)
+    try:
+      ls.endpoint_loss(self.loss, self.radius)
+    except (KeyError, ValueError) as e:
+      raise ValueError(f"{where}.loss / {where}.radius: {e}") from None
+    if not 0 < self.min_fraction < 1:
+      raise ValueError(f"{where}.min_fraction must be in (0, 1), got {self.min_fraction}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LD3Settings(EndpointSettings):
   """LD3's settings: the training loop's (``loop.LoopConfig`` with LD3's defaults: 200 Adam steps at lr 2e-2, 10
   warm-up steps, cosine to 10 %, clipping at 1, batch 16) and the schedule's.
 
@@ -44,9 +67,7 @@ class LD3Settings(loop.LoopConfig):
       parameters).
     eval_every: the validation loss every this many steps (and at the end); the best parameters are kept.
     time_shift: learn the decoupled time shift; shift_bound: its bound, in log-sigma units (> 0).
-    loss: ``l2`` or ``soft_teacher`` (``learned_schedules.soft_teacher_loss``); radius: the soft teacher's radius in
-      data units (RMS per coordinate; must be 0 for ``l2`` and > 0 for ``soft_teacher``).
-    min_fraction: the floor of each gap's share of the log-sigma range (``sigmas_from_logits``).
+    loss, radius, min_fraction: see ``EndpointSettings``.
     save_schedules: save each learned schedule to ``WORKDIR/schedules/ld3_<solver>_nfe<N>``.
   """
   steps: int = 200
@@ -63,9 +84,6 @@ class LD3Settings(loop.LoopConfig):
   eval_every: int = 20
   time_shift: bool = True
   shift_bound: float = 0.5
-  loss: str = "l2"
-  radius: float = 0.0
-  min_fraction: float = ls.DEFAULT_MIN_FRACTION
   save_schedules: bool = True
 
   section: ClassVar[str] = "ld3"
@@ -85,12 +103,6 @@ class LD3Settings(loop.LoopConfig):
                        f"trajectories (num_train={self.num_train} less {num_val} for validation)")
     if not self.shift_bound > 0:
       raise ValueError(f"{where}.shift_bound must be > 0, got {self.shift_bound}")
-    try:
-      ls.endpoint_loss(self.loss, self.radius)
-    except (KeyError, ValueError) as e:
-      raise ValueError(f"{where}.loss / {where}.radius: {e}") from None
-    if not 0 < self.min_fraction < 1:
-      raise ValueError(f"{where}.min_fraction must be in (0, 1), got {self.min_fraction}")
 
   @property
   def num_val(self) -> int:

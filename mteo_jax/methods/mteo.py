@@ -92,7 +92,8 @@ class MTEO(Method):
       return {"held_out_rmse": harness.held_out_rmse(lambda x, y: held_out(state.params, x, y))}
 
     result = loop.fit(task, settings, harness.run_dir(self.name, cell), seed=harness.train_seed, identity=identity,
-                      eval_fn=evaluate, eval_every=settings.eval_every, desc=f"{self.name.upper()} {cell.solver_name} NFE {cell.nfe}")
+                      eval_fn=evaluate, eval_every=settings.eval_every,
+                      desc=f"{self.name.upper()} {cell.solver_name} NFE {cell.nfe}")
     table = jax.device_get(result.state.params)
     path = None
     if settings.save_tables:
