@@ -28,8 +28,12 @@ Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and D
     python -m mteo_jax.main --config=configs/digits.py:schedules --workdir=runs/digits_schedules  # NFE 3, 4 and 5
     python -m mteo_jax.main --config=configs/digits.py:combined --workdir=runs/digits_combined    # MTEO on each schedule
 
+Progressive distillation (mode ``pd``): DDIM with the teacher and the PD students at 8, 4, 2 and 1 steps:
+
+    python -m mteo_jax.main --config=configs/digits.py:pd --workdir=runs/digits_pd
+
 Variants: ``mteo``, ``mteo_full``, ``mteo_dit``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver),
-``schedules``, ``combined``, ``compare``, ``default``, ``cond``, ``dit``, ``tiny`` (one 8x8 level of 8
+``schedules``, ``combined``, ``compare``, ``pd``, ``default``, ``cond``, ``dit``, ``tiny`` (one 8x8 level of 8
 channels, a few steps), ``dit_tiny``.
 """
 
@@ -48,7 +52,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant in comparison.COMPARE_VARIANTS:
     # Few-step methods side by side on the shipped UNet teacher (mteo_jax.comparison); every key has its default from
     # modes.base_config("compare").
-    return comparison.config_for("pretrained:digits", variant)
+    config = comparison.config_for("pretrained:digits", variant)
+    if variant == "pd":
+      # Progressive distillation 64 -> 32 -> ... -> 1 DDIM steps, 1000 Adam steps of 64 per round: 6k student updates,
+      # each with two teacher evaluations, against the teacher's 4k training steps of 64.
+      config.pd.update({"start_steps": 64, "end_steps": 1, "steps": 1000, "batch_size": 64, "lr": 2e-4})
+    return config
   if variant in MTEO_VARIANTS:
     # The main job on a shipped teacher: mteo_jax/pretrained/teacher_digits (made by the default variant with
     # --config.train.steps=4000 --config.train.warmup_steps=200) or teacher_digits_dit (the dit variant). Every

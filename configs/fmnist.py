@@ -17,8 +17,12 @@ Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and D
 
     python -m mteo_jax.main --config=configs/fmnist.py:compare --workdir=runs/fmnist_compare
 
+Progressive distillation (mode ``pd``): DDIM with the teacher and the PD students at 8, 4, 2 and 1 steps:
+
+    python -m mteo_jax.main --config=configs/fmnist.py:pd --workdir=runs/fmnist_pd
+
 Variants: ``mteo``, ``mteo_full``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver), ``schedules`` (NFE
-3, 4 and 5), ``combined`` (MTEO on each schedule), ``compare``, ``default`` (CPU-sized: 0.35M parameters, 16 base
+3, 4 and 5), ``combined`` (MTEO on each schedule), ``compare``, ``pd``, ``default`` (CPU-sized: 0.35M parameters, 16 base
 channels, 6k steps of 32; measured 2.3-3 steps/s on a 2-core CPU machine with nothing else running, 0.6 s per step when
 it shares the cores), ``gpu`` (64 base channels, two blocks per level, attention at 7x7 and 14x14, 100k steps
 of 256; the GPU time is an estimate, not measured), ``tiny``.
@@ -39,6 +43,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Few-step methods side by side on the shipped teacher (mteo_jax.comparison), sized like the mteo variant: 512
     # training trajectories, MTEO at 200 steps.
     config = comparison.config_for("pretrained:fmnist", variant, eval_batch_size=250, num_train=512)
+    if variant == "pd":
+      # Progressive distillation 64 -> 32 -> ... -> 1 DDIM steps, 1000 Adam steps of 32 per round: 6k student updates,
+      # each with two teacher evaluations, against the teacher's 6k training steps of 32.
+      config.pd.update({"start_steps": 64, "end_steps": 1, "steps": 1000, "batch_size": 32, "lr": 2e-4})
+      return config
     if any(name.startswith("mteo") for name in config.compare.methods):
       config.mteo.steps = 200
     return config

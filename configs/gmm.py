@@ -20,8 +20,12 @@ Schedules and their combination with MTEO (``mteo_jax.comparison``), iPNDM and D
     python -m mteo_jax.main --config=configs/gmm.py:schedules --workdir=runs/gmm_schedules   # GITS, LD3, INDIS, NFE 3-5
     python -m mteo_jax.main --config=configs/gmm.py:combined --workdir=runs/gmm_combined     # MTEO on each schedule
 
+Progressive distillation (mode ``pd``): DDIM with the teacher and the PD students at 8, 4, 2 and 1 steps:
+
+    python -m mteo_jax.main --config=configs/gmm.py:pd --workdir=runs/gmm_pd
+
 Variants: ``mteo``, ``mteo_full``, ``gits``, ``ld3``, ``indis`` (one method beside the plain solver), ``schedules``,
-``combined``, ``compare``, ``default``, ``tiny`` (a 2-block MLP of width 32, a few hundred steps).
+``combined``, ``compare``, ``pd``, ``default``, ``tiny`` (a 2-block MLP of width 32, a few hundred steps).
 """
 
 import ml_collections
@@ -38,7 +42,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if variant in comparison.COMPARE_VARIANTS:
     # Few-step methods side by side on the shipped teacher (mteo_jax.comparison): every key has its default from
     # modes.base_config("compare").
-    return comparison.config_for("pretrained:gmm", variant, grid_size=1000)
+    config = comparison.config_for("pretrained:gmm", variant, grid_size=1000)
+    if variant == "pd":
+      # Progressive distillation 64 -> 32 -> ... -> 1 DDIM steps, 2000 Adam steps of 512 per round: 6 rounds of 12k
+      # student updates, each with two teacher evaluations, against the teacher's 20k training steps of 512.
+      config.pd.update({"start_steps": 64, "end_steps": 1, "steps": 2000, "batch_size": 512, "lr": 2e-4})
+    return config
   if variant in ("mteo", "mteo_full"):
     # The main job on the shipped teacher (mteo_jax/pretrained/teacher_gmm, made by the default variant); every other
     # key has its default from modes.base_config("mteo").

@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import ml_collections
 import numpy as np
@@ -44,6 +44,8 @@ from mteo_jax.methods import (
   LD3Settings,
   Method,
   MTEOSettings,
+  PD,
+  PDSettings,
   ScheduledMTEO,
 )
 from mteo_jax.solvers import get_solver
@@ -55,7 +57,7 @@ COMPARE_METHODS = ("base", "gits", "ld3", "indis", "mteo", "mteo_on_best")
 SECTIONS = {"base": (), "gits": ("gits",), "ld3": ("ld3",), "indis": ("indis",), "mteo": ("mteo",),
             "mteo_on_gits": ("mteo", "gits"), "mteo_on_ld3": ("mteo", "ld3"), "mteo_on_indis": ("mteo", "indis"),
             "mteo_on_best": ("mteo", "gits", "ld3", "indis"), "mteo_joint_ld3": ("mteo", "ld3"),
-            "mteo_joint_indis": ("mteo", "indis")}
+            "mteo_joint_indis": ("mteo", "indis"), "pd": ("pd",)}
 SETTINGS = {"mteo": MTEOSettings, "gits": GITSSettings, "ld3": LD3Settings, "indis": INDISSettings}
 
 
@@ -103,9 +105,16 @@ class CompareConfig:
   ld3: LD3Settings = LD3Settings()
   indis: INDISSettings = INDISSettings()
 
+  method_sections: ClassVar[dict[str, type]] = SETTINGS   # the method sections this mode's config holds
+
   def __post_init__(self):
     job, used = self.compare, self.compare.sections
-    for section, cls in SETTINGS.items():
+    missing = sorted(used - set(self.method_sections))
+    if missing:
+      needs = [name for name in job.methods if set(SECTIONS[name]) & set(missing)]
+      raise ValueError(f"compare.methods lists {needs}, which mode {self.mode!r} does not run (its config has no "
+                       f"{missing} section); run {'it' if len(needs) == 1 else 'them'} with mode 'pd'")
+    for section, cls in self.method_sections.items():
       if section not in used and getattr(self, section) != cls():
         changed = config_utils.diff(config_utils.to_plain(cls()), config_utils.to_plain(getattr(self, section)))
         raise ValueError(f"the {section} section is changed ({', '.join(f'{section}.{k}' for k in changed)}) but "
@@ -128,6 +137,43 @@ class CompareConfig:
                              f"{self.gits.fine_grid_size - 1} steps; {solver_name} at NFE {nfe} needs {steps}")
 
 
+# Progressive distillation's students sample with DDIM at their own step counts.
+PD_METHODS, PD_SOLVERS, PD_NFES = ("base", "pd"), ("euler",), (8, 4, 2, 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class PDJobConfig(CompareJobConfig):
+  """The ``compare`` section of the ``pd`` mode: ``CompareJobConfig`` with PD's cells and methods by default."""
+  methods: tuple[str, ...] = PD_METHODS
+  solvers: tuple[str, ...] = PD_SOLVERS
+  nfes: tuple[int, ...] = PD_NFES
+
+
+@dataclasses.dataclass(frozen=True)
+class PDConfig(CompareConfig):
+  """The whole config of the ``pd`` mode: the comparison job with a ``pd`` section (``methods.PDSettings``) and PD's
+  cells by default, ``base`` (DDIM with the teacher) and ``pd`` on ``euler`` at NFE 8, 4, 2 and 1
+  (``modes.base_config("pd")`` holds every key). Other methods may be listed too: they serve every cell (MTEO on DDIM
+  at the students' step counts, say), while ``pd`` serves the ``euler`` cells at its students' step counts.
+  """
+  mode: str = "pd"
+  compare: PDJobConfig = dataclasses.field(default_factory=PDJobConfig)
+  pd: PDSettings = PDSettings()
+
+  method_sections: ClassVar[dict[str, type]] = {**SETTINGS, "pd": PDSettings}
+
+  def __post_init__(self):
+    super().__post_init__()
+    job = self.compare
+    if "pd" in job.methods:
+      served = [nfe for nfe in job.nfes if nfe in self.pd.student_steps]
+      if "euler" not in job.solvers or not served:
+        raise ValueError(f"pd's students sample with DDIM ('euler') at {list(self.pd.student_steps)} steps (from "
+                         f"pd.start_steps={self.pd.start_steps} to pd.end_steps={self.pd.end_steps}), but the cells "
+                         f"are compare.solvers={list(job.solvers)} x compare.nfes={list(job.nfes)}: add 'euler' and "
+                         "some of those NFEs")
+
+
 # Keys that may change between a run and its resumption: they steer what is evaluated, logged or shown, not what is
 # learned (adding a method, a solver or an NFE adds rows; the finished runs are reused).
 HARMLESS_KEYS = {
@@ -137,15 +183,16 @@ HARMLESS_KEYS = {
     "gits": ("batch_size",),
     "ld3": ("log_every", "checkpoint_every", "keep", "progress", "save_schedules"),
     "indis": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_params"),
+    "pd": ("log_every", "checkpoint_every", "keep", "progress", "export_students"),
 }
 
 
 def compare_identity(config: CompareConfig) -> dict:
   """What makes two ``compare`` runs in one workdir the same experiment (``modes.claim_workdir``)."""
   plain = config_utils.to_plain(config)
-  identity = {"mode": "compare", "seed": config.seed}
-  for section, harmless in HARMLESS_KEYS.items():
-    identity[section] = {k: v for k, v in plain[section].items() if k not in harmless}
+  identity = {"mode": config.mode, "seed": config.seed}
+  for section in ("compare",) + tuple(config.method_sections):
+    identity[section] = {k: v for k, v in plain[section].items() if k not in HARMLESS_KEYS[section]}
   return identity
 
 
@@ -157,6 +204,8 @@ def build_methods(config: CompareConfig) -> list[Method]:
   for name in config.compare.methods:
     if name == "base":
       built.append(BaseSolver())
+    elif name == "pd":
+      built.append(PD(config.pd))
     elif name == "mteo":
       built.append(MTEO(config.mteo))
     elif name in schedules:
@@ -278,8 +327,14 @@ def save_schedule_picture(rows: list[dict], path: Path, *, nfe: int) -> Path | N
 def config_for(teacher: str, variant: str, **job: Any) -> ml_collections.ConfigDict:
   """The ``compare`` config of a config file's variant on ``teacher``: ``gits``, ``ld3``, ``indis`` (that method
   beside the plain solver), ``schedules`` (the three at NFE 3, 4 and 5), ``combined`` (MTEO alone and on each
-  schedule, in sequence and jointly) or ``compare`` (``COMPARE_METHODS``); ``job`` overrides keys of ``compare``."""
+  schedule, in sequence and jointly) or ``compare`` (``COMPARE_METHODS``); or the ``pd`` mode's config (``pd``:
+  DDIM and the PD students at 8, 4, 2 and 1 steps); ``job`` overrides keys of ``compare``."""
   from mteo_jax import modes  # noqa: PLC0415 (modes imports this module)
+  if variant == "pd":
+    config = modes.base_config("pd")
+    config.compare.teacher = teacher
+    config.compare.update(job)
+    return config
   methods = {"gits": ("base", "gits"), "ld3": ("base", "ld3"), "indis": ("base", "indis"),
              "schedules": ("base", "gits", "ld3", "indis"),
              "combined": ("base", "mteo", "mteo_on_gits", "mteo_on_ld3", "mteo_on_indis", "mteo_joint_ld3",
@@ -296,4 +351,4 @@ def config_for(teacher: str, variant: str, **job: Any) -> ml_collections.ConfigD
   return config
 
 
-COMPARE_VARIANTS = ("gits", "ld3", "indis", "schedules", "combined", "compare")
+COMPARE_VARIANTS = ("gits", "ld3", "indis", "schedules", "combined", "compare", "pd")

@@ -405,14 +405,17 @@ class Harness:
     return row
 
   def run(self, methods: Sequence[Any], cells: Sequence[Cell]) -> list[dict]:
-    """Fits every method on every cell and scores it (cells in order; methods in order within a cell). Samples of
-    the first NFE go to the comparison picture as ``"<solver>"`` (the method ``base``) or ``"<solver> + <METHOD>"``."""
+    """Fits every method on every cell it serves (``method.serves(cell)``, default all) and scores it (cells in order;
+    methods in order within a cell). Samples of the first NFE go to the comparison picture as ``"<solver>"`` (the
+    method ``base``) or ``"<solver> + <METHOD>"``."""
     first_nfe = cells[0].nfe if cells else None
     if self.picture_nfe is None:
       self.picture_nfe = first_nfe
     rows = []
     for cell in cells:
       for method in methods:
+        if not getattr(method, "serves", lambda _: True)(cell):
+          continue   # e.g. a PD student exists only for DDIM at its own step counts
         start = time.perf_counter()
         artefact = method.fit(self, cell)
         seconds = artefact.train_seconds if artefact.train_seconds else 0.0

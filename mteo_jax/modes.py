@@ -70,6 +70,7 @@ MODES.register("mteo")(Mode("mteo", experiment.MTEOExperimentConfig, experiment.
                             experiment.experiment_identity))
 MODES.register("compare")(Mode("compare", comparison.CompareConfig, comparison.run_compare,
                                comparison.compare_identity))
+MODES.register("pd")(Mode("pd", comparison.PDConfig, comparison.run_compare, comparison.compare_identity))
 
 
 # --- defaults --------------------------------------------------------------------------------------------------------

@@ -64,6 +64,9 @@ SLOW_CASES: dict[str, tuple[str, ...]] = {
   "test_gits.py": (
     "test_gits_on_the_harness_searches_saves_and_reloads",
   ),
+  "test_pd.py": (
+    "test_dropout_option_changes_the_loss",
+  ),
   "test_learned_schedules.py": (
     "test_an_untrained_phi_is_the_global_schedule[heun-3]",
     "test_finished_runs_reload_and_mismatched_artefacts_are_refused",

@@ -126,7 +126,7 @@ def test_unknown_mode_lists_the_valid_ones(tmp_path):
   the registry holds Mode entries (typed config, run function, identity)."""
   config = load_config_file("gmm").get_config("tiny")
   config.mode = "distil"
-  valid = r"expected one of \['compare', 'mteo', 'train'\]"
+  valid = r"expected one of \['compare', 'mteo', 'pd', 'train'\]"
   with pytest.raises(modes.ConfigError, match=r"unknown mode 'distil'; " + valid):
     main.run(config, tmp_path / "w")
   del config["mode"]
@@ -213,10 +213,15 @@ COMPARE_FILES = ("gmm", "digits", "fmnist")
 @pytest.mark.parametrize("name", COMPARE_FILES)
 def test_compare_variants_build(name):
   """Every comparison variant parses to the compare mode on the shipped teacher, iPNDM and DPM-Solver++(2M), with the
-  methods and NFEs it documents."""
+  methods and NFEs it documents; ``pd`` to the pd mode with DDIM at 8, 4, 2 and 1 steps."""
   module = load_config_file(name)
   for variant in comparison.COMPARE_VARIANTS:
     spec, config = modes.parse(module.get_config(variant))
+    if variant == "pd":
+      assert spec.name == "pd" and config.compare.teacher == f"pretrained:{name}"
+      assert config.compare.solvers == ("euler",) and config.compare.nfes == (8, 4, 2, 1)
+      assert config.compare.methods == ("base", "pd") and config.pd.start_steps == 64 and config.pd.end_steps == 1
+      continue
     assert spec.name == "compare" and config.compare.teacher == f"pretrained:{name}"
     assert config.compare.solvers == ("ipndm", "dpmpp_2m")
     assert config.compare.nfes == ((3, 4, 5) if variant == "schedules" else (3,))

@@ -9,7 +9,8 @@ Registered: ``base`` (the plain solver on the base schedule, nothing learned), `
 layer-wise time embeddings), ``gits`` (a schedule searched by dynamic programming over a fine teacher grid), ``ld3`` (a
 learned global schedule), ``indis`` (an instance-aware schedule: a small network predicts each sample's own), and MTEO
 on them: ``mteo_on_<gits|ld3|indis|best>`` (schedule first, then the table) and ``mteo_joint_<ld3|indis>`` (both in
-one optimizer; ``methods.combined``).
+one optimizer; ``methods.combined``), and ``pd`` (progressive distillation: the student network itself, DDIM at
+halving step counts; ``methods.pd``).
 """
 
 from mteo_jax.methods.base import METHODS, Method, get_method
@@ -18,7 +19,9 @@ from mteo_jax.methods.gits import GITS, GITSSettings
 from mteo_jax.methods.indis import INDIS, INDISSettings
 from mteo_jax.methods.ld3 import LD3, LD3Settings
 from mteo_jax.methods.mteo import MTEO, MTEOSettings
+from mteo_jax.methods.pd import PD, PDSettings, load_student
 from mteo_jax.methods.plain import BaseSolver
 
 __all__ = ["METHODS", "Method", "get_method", "BaseSolver", "MTEO", "MTEOSettings", "GITS", "GITSSettings", "LD3",
-           "LD3Settings", "INDIS", "INDISSettings", "ScheduledMTEO", "load_combined"]
+           "LD3Settings", "INDIS", "INDISSettings", "ScheduledMTEO", "load_combined",
+           "PD", "PDSettings", "load_student"]

@@ -17,6 +17,8 @@ class Method:
     harness's base schedule) from ``harness.train_data(cell)`` (the teacher's reference states from the training
     noise at the cell's sigmas) with ``loop.fit`` in ``harness.run_dir(self.name, cell)``, so that it checkpoints,
     resumes and is timed like every other method; a training-free method returns at once.
+  ``serves(cell) -> bool`` (optional, default True): whether the method has a sampler for ``cell`` at all (a PD
+    student exists only for DDIM at its own step counts); the harness skips the cells it does not serve.
   ``sampler(artefact) -> (x_T, label) -> x_0``: a jitted function of ``x_T`` [B, *data_shape] float32 at the
     schedule's first sigma and ``label`` [B] int (None for an unconditional teacher), returning [B, *data_shape].
 
@@ -27,6 +29,10 @@ class Method:
 
   def fit(self, harness: Harness, cell: Cell) -> Artefact:
     raise NotImplementedError
+
+  def serves(self, cell: Cell) -> bool:
+    del cell
+    return True
 
   def sampler(self, artefact: Artefact) -> Sampler:
     raise NotImplementedError
