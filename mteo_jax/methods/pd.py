@@ -243,7 +243,12 @@ def mismatch(backbone: Any, precond: Any, student_params: Any, teacher_params: A
   how far one student DDIM step is from two teacher steps (what a round lowers)."""
   objective = RoundObjective(backbone, precond, weighting, dropout=False)
   batch = {"x": x0, **grid_points(grid, x0.shape[0], seed, 0), **({"label": label} if label is not None else {})}
-  return float(jax.jit(objective)(student_params, teacher_params, batch, jax.random.key(seed)))
+  return float(_jitted(objective)(student_params, teacher_params, batch, jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted(objective: RoundObjective):
+  return jax.jit(objective)   # one compiled program per objective (and shapes), reused by every call
 
 
 # --- the method ------------------------------------------------------------------------------------------------------
