@@ -172,6 +172,13 @@ def test_a_round_lowers_the_mismatch_and_exports_students(gmm, distilled):
   np.testing.assert_allclose(method.sampler(one)(x_T, None), pd.ddim_step(x_T, denoised, grid[0], grid[-1]),
                              rtol=0, atol=5e-5)  # float32; x_T is of order 80
   students = harness.workdir / "pd" / "students"
+  # The parent may be named as a teacher spec; the student's metadata holds its own record, not its parent's.
+  student, _ = pd.load_student(students / "steps1", parent="pretrained:gmm", steps=1)
+  assert "final_loss" not in student.metadata and "config" not in student.metadata
+  record = student.metadata["distilled"]["distillation"]
+  assert record["round"] == 2 and record["settings"]["start_steps"] == 4 and record["step"][-1] == TINY["steps"]
+  with pytest.raises(TypeError, match="steps must be an integer"):
+    pd.load_student(students / "steps1", steps="1")
   with pytest.raises(ValueError, match="not a PD student"):
     pd.load_student(teachers.resolve_teacher("pretrained:gmm"))
   with pytest.raises(ValueError, match="the 1-step student, not the 2-step one"):

@@ -281,6 +281,7 @@ class PD(Method):
   def __init__(self, settings: PDSettings = PDSettings(), *, hooks: tuple[loop.StepHook, ...] = ()):
     self.settings = settings
     self.hooks = tuple(hooks)   # passed to every round's loop.fit (``hook(step, state, metrics)``)
+    self._finished: dict[tuple[str, int], tuple[Any, dict]] = {}   # (workdir, round) -> (student params, record)
 
   def serves(self, cell: Cell) -> bool:
     return cell.solver_name == SOLVER and cell.nfe in self.settings.student_steps
@@ -305,30 +306,45 @@ class PD(Method):
     for k, (teacher_steps, student_steps) in enumerate(rounds, start=1):
       if teacher_steps <= cell.nfe:
         break
-      round_grid = tuple(float(s) for s in grid[::settings.start_steps // teacher_steps])
-      task = RoundTask(objective, round_grid, params, dataset, settings.batch_size, seed=harness.train_seed + k,
-                       use_labels=use_labels)
-      init_program, _ = loop.compile_programs(task, settings, mesh)
-      identity = {"teacher": teacher.identity, "round": k, "teacher_steps": teacher_steps,
-                  "start_steps": settings.start_steps, "grid": [float(s) for s in grid],
-                  "weighting": settings.weighting, "dropout": settings.dropout,
-                  "data": {"name": dataset.name, "options": teacher.metadata.get("data_options") or {}}}
-      result = loop.fit(task, settings, harness.workdir / "pd" / f"round{k}_{teacher_steps}to{student_steps}",
-                        seed=harness.train_seed + k, identity=identity, hooks=self.hooks, mesh=mesh,
-                        programs=(init_program, step_program(objective, settings.loop_settings(), mesh)),
-                        desc=f"PD round {k}/{len(rounds)} ({teacher_steps} -> {student_steps} steps)")
-      params = jax.device_get(result.state.params if result.state.ema_params is None else result.state.ema_params)
-      seconds += result.train_seconds
-      steps, losses = result.losses
-      history[f"round{k}"] = {"teacher_steps": teacher_steps, "student_steps": student_steps, "step": steps,
-                              "loss": losses, "train_seconds": result.train_seconds}
-      if settings.export_students:
-        export_student(harness.workdir / "pd" / "students" / f"steps{student_steps}", teacher, params,
-                       steps=student_steps, sigmas=grid[::settings.start_steps // student_steps])
+      finished = self._finished.get((str(harness.workdir), k))
+      if finished is None:   # not yet fitted by this object (a finished run on disk reloads without training)
+        finished = self._round(harness, k, params, grid, objective, dataset, use_labels, mesh)
+        self._finished[(str(harness.workdir), k)] = finished
+      params, record = finished
+      seconds += record["train_seconds"]
+      history[f"round{k}"] = record
     sigmas = grid[::settings.start_steps // cell.nfe]
     return Artefact(self.name, cell, payload=(teacher.backbone, params, teacher.precond, sigmas), train_seconds=seconds,
                     curves={"rounds": history, "schedule": {"sigmas": [float(s) for s in sigmas]},
                             "teacher_train_seconds": teacher.metadata.get("wall_time_s")})
+
+  def _round(self, harness: Harness, k: int, params: Any, grid: np.ndarray, objective: RoundObjective, dataset: Any,
+             use_labels: bool, mesh: jax.sharding.Mesh) -> tuple[Any, dict]:
+    """Round ``k`` from the teacher ``params``: ``(student params, record)``, the student exported if asked."""
+    settings, teacher = self.settings, harness.teacher
+    teacher_steps, student_steps = settings.rounds[k - 1]
+    round_grid = tuple(float(s) for s in grid[::settings.start_steps // teacher_steps])
+    task = RoundTask(objective, round_grid, params, dataset, settings.batch_size, seed=harness.train_seed + k,
+                     use_labels=use_labels)
+    init_program, _ = loop.compile_programs(task, settings, mesh)
+    identity = {"teacher": teacher.identity, "round": k, "teacher_steps": teacher_steps,
+                "start_steps": settings.start_steps, "grid": [float(s) for s in grid],
+                "weighting": settings.weighting, "dropout": settings.dropout,
+                "data": {"name": dataset.name, "options": teacher.metadata.get("data_options") or {}}}
+    result = loop.fit(task, settings, harness.workdir / "pd" / f"round{k}_{teacher_steps}to{student_steps}",
+                      seed=harness.train_seed + k, identity=identity, hooks=self.hooks, mesh=mesh,
+                      programs=(init_program, step_program(objective, settings.loop_settings(), mesh)),
+                      desc=f"PD round {k}/{len(settings.rounds)} ({teacher_steps} -> {student_steps} steps)")
+    params = jax.device_get(result.state.params if result.state.ema_params is None else result.state.ema_params)
+    steps, losses = result.losses
+    record = {"teacher_steps": teacher_steps, "student_steps": student_steps, "step": steps, "loss": losses,
+              "train_seconds": result.train_seconds}
+    if settings.export_students:
+      export_student(harness.workdir / "pd" / "students" / f"steps{student_steps}", teacher, params,
+                     steps=student_steps, sigmas=grid[::settings.start_steps // student_steps],
+                     distillation={"round": k, "settings": config_utils.to_plain(settings), **record,
+                                   "final_loss": losses[-1] if losses else None})
+    return params, record
 
   def sampler(self, artefact: Artefact) -> Sampler:
     backbone, params, precond, sigmas = artefact.payload
@@ -338,14 +354,23 @@ class PD(Method):
 
 # --- students as teachers --------------------------------------------------------------------------------------------
 
-def export_student(path: str | os.PathLike, parent: Any, params: Any, *, steps: int, sigmas: Any) -> Path:
-  """Writes a student as a teacher-format model (``Teacher.load`` reads it) whose metadata adds ``distilled``:
-  ``{"method": "pd", "format", "parent_identity", "steps", "sampler", "sigmas"}``. Replaces only an earlier export."""
+# What a student's metadata keeps of its parent's: what rebuilds the network and names its data (not the parent's
+# training record: steps, loss, wall time, config).
+_NETWORK_KEYS = ("format", "backbone", "backbone_kwargs", "data_shape", "num_classes", "precond", "dataset",
+                 "data_options", "num_params")
+
+
+def export_student(path: str | os.PathLike, parent: Any, params: Any, *, steps: int, sigmas: Any,
+                   distillation: dict | None = None) -> Path:
+  """Writes a student as a teacher-format model (``Teacher.load`` reads it): the parent's network keys and
+  ``distilled``: ``{"method": "pd", "format", "parent_identity", "parent_source", "steps" (its DDIM steps),
+  "sampler", "sigmas", "distillation"}`` (``distillation``: the round, settings, losses and train seconds). Replaces
+  only an earlier export."""
   from mteo_jax import checkpoints  # noqa: PLC0415 (orbax is slow to import)
-  metadata = dict(parent.metadata)
+  metadata = {key: parent.metadata[key] for key in _NETWORK_KEYS if key in parent.metadata}
   metadata["distilled"] = {"method": "pd", "format": STUDENT_FORMAT, "parent_identity": parent.identity,
                            "parent_source": parent.source, "steps": int(steps), "sampler": SOLVER,
-                           "sigmas": [float(s) for s in np.asarray(sigmas)]}
+                           "sigmas": [float(s) for s in np.asarray(sigmas)], "distillation": distillation or {}}
   checkpoints.save_pytree(path, jax.device_get(params), metadata, overwrite=True)
   return Path(path)
 
@@ -354,11 +379,16 @@ def load_student(path: str | os.PathLike, *, parent: Any = None, steps: int | No
   """``(teacher, sigmas)``: the student at ``path`` as a ``Teacher`` and its DDIM grid [steps + 1].
 
   Raises:
-    FileNotFoundError: no such directory. ValueError: a directory that is not a PD student (a plain teacher, a table,
-    ...), or a student of another parent teacher (``parent``'s identity) or step count than asked for.
+    FileNotFoundError: no such directory (or no such parent teacher). ValueError: a directory that is not a PD student
+    (a plain teacher, a table, ...), or a student of another parent teacher (``parent``: a ``Teacher`` or a teacher
+    spec, ``pretrained:<name>`` or a directory) or step count than asked for. TypeError: ``steps`` not an integer.
   """
   from mteo_jax import checkpoints  # noqa: PLC0415
   from mteo_jax.teachers import Teacher  # noqa: PLC0415
+  if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))):
+    raise TypeError(f"steps must be an integer (the student's DDIM steps), got {steps!r}")
+  if parent is not None and not isinstance(parent, Teacher):
+    parent = Teacher.load(parent)   # a teacher spec: pretrained:<name> or an exported teacher directory
   path = Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no PD student at {path}")
