@@ -99,6 +99,11 @@ class HarnessConfig:
   reference: ReferenceConfig = ReferenceConfig()
   progress: bool = True
 
+  def base_sigmas(self, num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
+    """The base schedule of ``num_steps`` steps: [num_steps + 1] from ``sigma_max`` to ``sigma_min``."""
+    options = {"rho": self.rho} if self.schedule == "edm" else {}
+    return np.asarray(get_schedule(self.schedule, num_steps, sigma_min, sigma_max, **options))
+
   def __post_init__(self):
     for name in ("num_train", "num_eval", "eval_batch_size", "teacher_steps", "grid_size"):
       if getattr(self, name) < 1:
@@ -319,13 +324,11 @@ class Harness:
   def cells(self, solvers: Sequence[str], nfes: Sequence[int]) -> list[Cell]:
     """One cell per (NFE, solver), in that order, on the base schedule; all of them share one training reference."""
     precond, config = self.teacher.precond, self.config
-    options = {"rho": config.rho} if config.schedule == "edm" else {}
     cells = []
     for nfe in nfes:
       for name in solvers:
         solver = get_solver(name)
-        sigmas = np.asarray(get_schedule(config.schedule, solver.num_steps_for_nfe(nfe), precond.sigma_min,
-                                         precond.sigma_max, **options))
+        sigmas = config.base_sigmas(solver.num_steps_for_nfe(nfe), precond.sigma_min, precond.sigma_max)
         cells.append(Cell(name, nfe, solver, sigmas))
     self._cells.extend(cells)
     self._train_reference = None  # solved again, from the cache when it holds the union already

@@ -50,7 +50,6 @@ from mteo_jax.diffusion import broadcast_to_batch, sigma_to_alpha_sigma
 from mteo_jax.harness import Artefact, Cell, Harness, Sampler
 from mteo_jax.methods.base import METHODS, Method
 from mteo_jax.nets import make_denoiser
-from mteo_jax.schedules import get_schedule
 from mteo_jax.solvers import get_solver
 
 WEIGHTINGS = ("truncated_snr", "snr_plus_one")
@@ -288,10 +287,9 @@ class PD(Method):
 
   def start_grid(self, harness: Harness) -> np.ndarray:
     """The first teacher's [start_steps + 1] sigmas: the harness's base schedule; every later grid is a subsample."""
-    precond, config = harness.teacher.precond, harness.config
-    options = {"rho": config.rho} if config.schedule == "edm" else {}
-    return np.asarray(get_schedule(config.schedule, self.settings.start_steps, precond.sigma_min, precond.sigma_max,
-                                   **options), np.float32)
+    precond = harness.teacher.precond
+    grid = harness.config.base_sigmas(self.settings.start_steps, precond.sigma_min, precond.sigma_max)
+    return grid.astype(np.float32)
 
   def fit(self, harness: Harness, cell: Cell) -> Artefact:
     settings, teacher = self.settings, harness.teacher
