@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Collection
 
 import ml_collections
 import numpy as np
@@ -114,12 +114,6 @@ class CompareConfig:
       needs = [name for name in job.methods if set(SECTIONS[name]) & set(missing)]
       raise ValueError(f"compare.methods lists {needs}, which mode {self.mode!r} does not run (its config has no "
                        f"{missing} section); run {'it' if len(needs) == 1 else 'them'} with mode 'pd'")
-    for section, cls in self.method_sections.items():
-      if section not in used and getattr(self, section) != cls():
-        changed = config_utils.diff(config_utils.to_plain(cls()), config_utils.to_plain(getattr(self, section)))
-        raise ValueError(f"the {section} section is changed ({', '.join(f'{section}.{k}' for k in changed)}) but "
-                         f"no method in compare.methods={list(job.methods)} reads it; add a method that does or "
-                         "leave it at its defaults")
     for section in ("mteo", "indis"):
       if section in used and getattr(self, section).batch_size > job.num_train:
         raise ValueError(f"{section}.batch_size={getattr(self, section).batch_size} exceeds "
@@ -135,6 +129,26 @@ class CompareConfig:
           if steps > self.gits.fine_grid_size - 1:
             raise ValueError(f"gits.fine_grid_size={self.gits.fine_grid_size} allows at most "
                              f"{self.gits.fine_grid_size - 1} steps; {solver_name} at NFE {nfe} needs {steps}")
+
+  def check_unread(self, overridden: Collection[str] | None = None) -> None:
+    """Raises ValueError where a method section that no listed method reads is set: with ``overridden`` (the dotted
+    keys given on the command line, e.g. ``{"mteo.steps"}``), where one of them names such a section; without it,
+    where such a section differs from its defaults. (A variant of a config file may size every section; narrowing
+    ``compare.methods`` on its command line then leaves the unread sections as the variant set them, and the
+    experiment's identity unchanged.)"""
+    used = self.compare.sections
+    for section, cls in self.method_sections.items():
+      if section in used:
+        continue
+      if overridden is None:
+        changed = config_utils.diff(config_utils.to_plain(cls()), config_utils.to_plain(getattr(self, section)))
+      else:
+        changed = sorted(key.split(".", 1)[1] for key in overridden
+                         if key.split(".", 1)[0] == section and "." in key)
+      if changed:
+        raise ValueError(f"the {section} section is changed ({', '.join(f'{section}.{k}' for k in changed)}) but "
+                         f"no method in compare.methods={list(self.compare.methods)} reads it; add a method that "
+                         "does or leave it at its defaults")
 
 
 # Progressive distillation's students sample with DDIM at their own step counts.

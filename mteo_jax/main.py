@@ -19,7 +19,7 @@ import importlib.util
 import logging as pylogging
 import os
 import sys
-from typing import Sequence
+from typing import Collection, Sequence
 
 import jax
 import ml_collections
@@ -36,9 +36,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overridden: Collection[str] | None = None):
   """Runs the job ``config.mode`` in ``workdir`` (``modes.run``: parse, check, claim the workdir, run)."""
-  return modes.run(config, workdir)
+  return modes.run(config, workdir, overridden)
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -85,10 +85,11 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"unexpected positional arguments: {list(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    modes.parse(_CONFIG.value)  # checked before anything is logged or done: one line, not a traceback
+    overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
+    modes.parse(_CONFIG.value, overridden)  # checked before anything is logged or done: one line, not a traceback
     logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())
     logging.info("config:\n%s", _CONFIG.value)
-    run(_CONFIG.value, _WORKDIR.value)
+    run(_CONFIG.value, _WORKDIR.value, overridden)
   except modes.ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

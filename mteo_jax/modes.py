@@ -23,7 +23,7 @@ import os
 import shutil
 import typing
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import ml_collections
 from absl import logging
@@ -135,9 +135,14 @@ def _get_mode(name: Any) -> Mode:
     raise ConfigError(error.args[0]) from None
 
 
-def parse(config: ml_collections.ConfigDict | dict) -> tuple[Mode, Any]:
+def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] | None = None) -> tuple[Mode, Any]:
   """``(mode, typed config)``; every key and value checked (unknown keys, sections the mode does not read, types,
-  ranges, names of solvers, schedules, backbones, datasets, teachers), before any work."""
+  ranges, names of solvers, schedules, backbones, datasets, teachers), before any work.
+
+  ``overridden``: the dotted keys set on the command line over a config file's variant (``main`` passes them). A
+  comparison's method section that no listed method reads is an error where one of them sets it; without
+  ``overridden``, where it differs from its defaults (``CompareConfig.check_unread``).
+  """
   plain = config_utils.to_plain(config)
   if "mode" not in plain:
     raise ConfigError(f"the config has no 'mode'; expected one of {MODES.names()}")
@@ -148,7 +153,10 @@ def parse(config: ml_collections.ConfigDict | dict) -> tuple[Mode, Any]:
     raise ConfigError(f"mode {spec.name!r} does not read the config key(s) {unread}; its keys are {sorted(valid)} "
                       f"(start the config from modes.base_config({spec.name!r}))")
   try:
-    return spec, config_utils.from_dict(spec.config_class, plain, where="config")
+    typed = config_utils.from_dict(spec.config_class, plain, where="config")
+    if hasattr(typed, "check_unread"):
+      typed.check_unread(overridden)
+    return spec, typed
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
     message = error.args[0] if error.args else repr(error)
     raise ConfigError(f"invalid config for mode {spec.name!r}: {message}") from None
@@ -191,8 +199,10 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   os.replace(tmp, marker)
 
 
-def run(config: ml_collections.ConfigDict | dict, workdir: str | os.PathLike) -> Any:
-  """Parses and checks ``config``, claims ``workdir``, then runs ``config.mode`` in it; returns the mode's result."""
-  spec, typed = parse(config)
+def run(config: ml_collections.ConfigDict | dict, workdir: str | os.PathLike,
+        overridden: Collection[str] | None = None) -> Any:
+  """Parses and checks ``config`` (``parse``), claims ``workdir``, then runs ``config.mode`` in it; returns the mode's
+  result."""
+  spec, typed = parse(config, overridden)
   claim_workdir(workdir, spec.identity(typed), overwrite=typed.overwrite)
   return spec.run(typed, Path(workdir))

@@ -348,6 +348,20 @@ def test_a_tuple_option_of_a_method_section_is_overridable_and_checked(tmp_path)
     assert_reported_before_any_work(cpu, times)
 
 
+def test_narrowing_a_variants_methods_runs_and_an_unread_override_is_refused(tmp_path):
+  """``configs/fmnist.py:compare`` sizes the mteo section; ``--config.compare.methods`` without MTEO is accepted (the
+  run gets as far as the workdir, here a file, refused), while also setting ``--config.mteo.steps`` is an error."""
+  path = tmp_path / "file"
+  path.write_text("kept")
+  narrowed = "--config.compare.methods=('base','gits')"
+  for extra, message in (((), "is not a directory"), (("--config.mteo.steps=5",), r"mteo\.steps\) but no method")):
+    proc, cpu, times = run_cli_unchecked("--config=configs/fmnist.py:compare", f"--workdir={path}", narrowed, *extra,
+                                          timeout=60)
+    assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-4000:]
+    assert path.read_text() == "kept"
+    assert_reported_before_any_work(cpu, times)
+
+
 def test_a_bad_value_exits_2_naming_the_valid_values(tmp_path):
   """--config.mteo.lr_decay=cosin (next to a valid override) exits 2 at the cost of an import with a one-line error
   naming the valid values, nothing else on stderr, and before the workdir is claimed."""

@@ -154,6 +154,20 @@ def test_bad_configs_fail_before_any_work(tmp_path, change, message):
   assert not (tmp_path / "w").exists()
 
 
+def test_narrowing_the_methods_of_a_variant_keeps_its_sizes_of_the_unread_sections():
+  """Given the keys set on the command line (``main`` passes them), a section that the variant sized but no listed
+  method reads is kept as it is (the experiment's identity does not change); a command-line key in such a section is
+  still an error, and without the keys any change from the defaults is."""
+  config = tiny_config(methods=("base", "gits"))   # the variant sized mteo, ld3 and indis
+  with pytest.raises(modes.ConfigError, match=r"the mteo section is changed \(mteo\.batch_size.*no method"):
+    modes.parse(config)
+  _, typed = modes.parse(config, {"compare.methods"})
+  assert typed.ld3.steps == 12 and typed.compare.methods == ("base", "gits")
+  with pytest.raises(modes.ConfigError, match=r"the ld3 section is changed \(ld3\.steps\) but no method"):
+    modes.parse(config, {"compare.methods", "ld3.steps", "gits.num_warmup"})
+  modes.parse(tiny_config(), {"ld3.steps"})   # read by a listed method
+
+
 def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   path = tmp_path / "results.txt"
   path.write_text("kept")
