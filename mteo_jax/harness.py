@@ -21,6 +21,7 @@ A method is an object with ``fit(harness, cell) -> Artefact`` and ``sampler(arte
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -46,6 +47,7 @@ Sampler = Callable[[np.ndarray, "np.ndarray | None"], jax.Array]
 # keeps the two equal).
 REFERENCE_SOLVER_NAMES = ("dopri5", "dopri8", "tsit5")
 MAX_RHO = 1000.0
+TEACHER_ROW_FILE = "teacher_row.json"   # the cached teacher row of a workdir (Harness.teacher_row)
 
 
 def noise_seeds(seed: int) -> tuple[int, int]:
@@ -334,13 +336,19 @@ class Harness:
     self._train_reference = None  # solved again, from the cache when it holds the union already
     return cells
 
+  def reference_key(self, x_T: np.ndarray, labels: np.ndarray | None, noise_seed: int, sigmas: Any) -> dict:
+    """``reference.reference_key`` of the teacher's reference from ``x_T`` saved at ``sigmas``."""
+    from mteo_jax.reference import reference_key  # noqa: PLC0415
+    teacher, ref = self.teacher, self.config.reference
+    return reference_key(teacher.identity, teacher.precond, noise_seed, x_T.shape[0], teacher.data_shape, sigmas,
+                         ref.solver, ref.rtol, ref.atol, x_T=x_T, labels=labels,
+                         label_seed=None if labels is None else label_seed(noise_seed))
+
   def reference(self, x_T: np.ndarray, labels: np.ndarray | None, noise_seed: int, sigmas: Any) -> Reference:
     """The teacher's reference from ``x_T`` saved at ``sigmas``, from the cache or solved and cached."""
-    from mteo_jax.reference import reference_key, reference_trajectories  # noqa: PLC0415
+    from mteo_jax.reference import reference_trajectories  # noqa: PLC0415
     teacher, ref = self.teacher, self.config.reference
-    key = reference_key(teacher.identity, teacher.precond, noise_seed, x_T.shape[0], teacher.data_shape, sigmas,
-                        ref.solver, ref.rtol, ref.atol, x_T=x_T, labels=labels,
-                        label_seed=None if labels is None else label_seed(noise_seed))
+    key = self.reference_key(x_T, labels, noise_seed, sigmas)
     return self.cache.get_or_compute(key, lambda: reference_trajectories(
         teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
         batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
@@ -389,13 +397,39 @@ class Harness:
     return row, samples
 
   def teacher_row(self) -> dict:
-    """The teacher with many Heun steps on the EDM (rho = 7) schedule: what few-step methods approximate."""
+    """The teacher with many Heun steps on the EDM (rho = 7) schedule: what few-step methods approximate.
+
+    The row is kept in ``WORKDIR/teacher_row.json`` with what it depends on (the held-out noise and teacher through
+    the reference's key, the Heun steps, the real data and feature network of the metrics); a rerun with the same
+    key reads it instead of sampling again (on Fashion-MNIST, 1000 samples of ~100 evaluations take half an hour on
+    two CPU cores), and any other key samples again and replaces it.
+    """
     heun, precond, steps = get_solver("heun"), self.teacher.precond, self.config.teacher_steps
+    key = config_utils.to_plain({
+        "eval_reference": self.reference_key(self.x_T_eval, self.label_eval, self.eval_seed,
+                                             np.array([precond.sigma_max, precond.sigma_min], np.float32)),
+        "teacher_steps": steps, "num_real": 0 if self.real is None else int(len(self.real)),
+        "real_sha256": None if self.real is None else hashlib.sha256(np.ascontiguousarray(self.real)).hexdigest(),
+        "feature_network": self.teacher.metadata.get("dataset") if len(self.teacher.data_shape) == 3 else None})
+    path = self.workdir / TEACHER_ROW_FILE
+    if path.exists():
+      try:
+        stored = json.loads(path.read_text())
+      except ValueError:
+        stored = {}
+      if stored.get("key") == key:
+        row = stored["row"]
+        logging.info("teacher row read from %s (RMSE %.4f)", path, row["rmse"])
+        self.rows.append(row)
+        return row
     sigmas = get_schedule("edm", steps, precond.sigma_min, precond.sigma_max, rho=7.0)
     # One compiled denoiser call per step: a whole unrolled program of ~100 evaluations takes XLA minutes to compile.
     call = jax.jit(lambda x, sigma, label: self.teacher.denoiser(x, sigma, label=label))
     sample = lambda x_T, label: heun.sample(lambda x, sigma: call(x, sigma, label), jnp.asarray(x_T), sigmas)  # noqa
-    return self.score("teacher", "heun", heun.nfe(steps), sample)[0]
+    row = self.score("teacher", "heun", heun.nfe(steps), sample)[0]
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": key, "row": row})
+    return row
 
   def reference_row(self) -> dict | None:
     """The reference itself against the real data (only where a distribution metric exists)."""

@@ -8,6 +8,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from mteo_jax import Teacher, harness, loop, methods, mteo
@@ -120,3 +121,34 @@ def test_the_harness_knows_the_reference_solvers_without_importing_diffrax():
   out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                        env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_teacher_row_is_read_back_and_sampled_again_when_its_key_changes(gmm_teacher, tmp_path, monkeypatch):
+  """A rerun in the same workdir reads the teacher row from teacher_row.json instead of sampling; other Heun steps,
+  other held-out noise or an unreadable file sample again and replace it. (The reference and the sampling are
+  stubbed: this is the cache's logic; the comparison runs of README exercise the real row.)"""
+  from mteo_jax.reference import Reference  # noqa: PLC0415
+  monkeypatch.setattr(harness.Harness, "reference", lambda self, x_T, labels, seed, sigmas: Reference(
+      np.zeros((len(sigmas), *x_T.shape), np.float32), np.full(x_T.shape[0], 99), np.asarray(sigmas)))
+  sampled = []
+
+  def score(self, method, solver_name, nfe, sample):
+    row = {"method": method, "solver": solver_name, "nfe": nfe, "rmse": 0.01 * (len(sampled) + 1)}
+    sampled.append(row)
+    self.rows.append(row)
+    return row, None
+
+  monkeypatch.setattr(harness.Harness, "score", score)
+
+  def teacher_row(**config):
+    return harness.Harness(gmm_teacher, tmp_path, harness.HarnessConfig(
+        **{"num_train": 8, "num_eval": 16, "teacher_steps": 4, "progress": False, **config})).teacher_row()
+
+  first = teacher_row()
+  assert first["nfe"] == 7 and teacher_row() == first and len(sampled) == 1
+  assert teacher_row(teacher_steps=5)["nfe"] == 9 and len(sampled) == 2
+  assert teacher_row(teacher_steps=5)["rmse"] == 0.02 and len(sampled) == 2
+  assert teacher_row(teacher_steps=5, seed=1)["rmse"] == 0.03 and len(sampled) == 3
+  (tmp_path / harness.TEACHER_ROW_FILE).write_text("{not json")
+  assert teacher_row(teacher_steps=5, seed=1)["rmse"] == 0.04
+  assert json.loads((tmp_path / harness.TEACHER_ROW_FILE).read_text())["row"] == sampled[-1]
