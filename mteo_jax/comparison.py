@@ -113,7 +113,8 @@ class CompareConfig:
     if missing:
       needs = [name for name in job.methods if set(SECTIONS[name]) & set(missing)]
       raise ValueError(f"compare.methods lists {needs}, which mode {self.mode!r} does not run (its config has no "
-                       f"{missing} section); run {'it' if len(needs) == 1 else 'them'} with mode 'pd'")
+                       f"{missing} section); run {'it' if len(needs) == 1 else 'them'} with mode 'pd' (a config "
+                       "file's :pd variant, e.g. --config=configs/digits.py:pd)")
     for section in ("mteo", "indis"):
       if section in used and getattr(self, section).batch_size > job.num_train:
         raise ValueError(f"{section}.batch_size={getattr(self, section).batch_size} exceeds "
@@ -184,8 +185,9 @@ class PDConfig(CompareConfig):
       if "euler" not in job.solvers or not served:
         raise ValueError(f"pd's students sample with DDIM ('euler') at {list(self.pd.student_steps)} steps (from "
                          f"pd.start_steps={self.pd.start_steps} to pd.end_steps={self.pd.end_steps}), but the cells "
-                         f"are compare.solvers={list(job.solvers)} x compare.nfes={list(job.nfes)}: add 'euler' and "
-                         "some of those NFEs")
+                         f"are compare.solvers={list(job.solvers)} x compare.nfes={list(job.nfes)}: "
+                         + ("add 'euler' and some of those NFEs" if "euler" not in job.solvers and not served else
+                            "add 'euler'" if "euler" not in job.solvers else "add some of those NFEs"))
 
 
 # Keys that may change between a run and its resumption: they steer what is evaluated, logged or shown, not what is
@@ -199,6 +201,20 @@ HARMLESS_KEYS = {
     "indis": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_params"),
     "pd": ("log_every", "checkpoint_every", "keep", "progress", "export_students"),
 }
+
+
+def check_runnable(config: CompareConfig) -> None:
+  """The checks that need the devices or the teacher, run before the workdir is claimed (``modes.Mode.check``):
+  each trained section's batch splits over the devices; PD's settings suit the teacher (``PD.check_teacher``).
+
+  Raises:
+    ValueError: naming the key and what is expected.
+  """
+  job, mesh = config.compare, parallel.make_mesh()
+  for section in sorted(job.sections - {"gits"}):
+    loop.check_batch_size(getattr(config, section).batch_size, mesh, where=section)
+  if "pd" in job.sections:
+    PD(config.pd).check_teacher(Teacher.load(job.teacher))
 
 
 def compare_identity(config: CompareConfig) -> dict:
@@ -237,9 +253,7 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   if not isinstance(config, CompareConfig):
     config = config_utils.from_dict(CompareConfig, config, where="config")
   job, workdir = config.compare, Path(workdir)
-  mesh = parallel.make_mesh()
-  for section in sorted(job.sections - {"gits"}):
-    loop.check_batch_size(getattr(config, section).batch_size, mesh, where=section)
+  check_runnable(config)   # again for callers of this function (modes.run checks before claiming the workdir)
   teacher = Teacher.load(job.teacher)
   harness = Harness(teacher, workdir, job.harness_config(config.seed))
   cells = harness.cells(job.solvers, job.nfes)

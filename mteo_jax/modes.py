@@ -46,11 +46,15 @@ class Mode:
     run: ``run(typed_config, workdir: Path)``.
     identity: ``identity(typed_config) -> dict``: what makes two runs in one workdir the same experiment (leave out
       what may change between a run and its resumption: logging, progress, evaluation sizes, ...).
+    check: ``check(typed_config)``, or None: the checks that need the devices or the teacher (batch sizes over the
+      devices, settings against the teacher's data and backbone), run before the workdir is claimed; raises
+      ValueError.
   """
   name: str
   config_class: type
   run: Callable[[Any, Path], Any]
   identity: Callable[[Any], dict]
+  check: Callable[[Any], None] | None = None
 
 
 MODES: Registry[Mode] = Registry("mode")
@@ -69,8 +73,9 @@ MODES.register("train")(Mode("train", train.TeacherConfig, train.train, _teacher
 MODES.register("mteo")(Mode("mteo", experiment.MTEOExperimentConfig, experiment.run_mteo,
                             experiment.experiment_identity))
 MODES.register("compare")(Mode("compare", comparison.CompareConfig, comparison.run_compare,
-                               comparison.compare_identity))
-MODES.register("pd")(Mode("pd", comparison.PDConfig, comparison.run_compare, comparison.compare_identity))
+                               comparison.compare_identity, comparison.check_runnable))
+MODES.register("pd")(Mode("pd", comparison.PDConfig, comparison.run_compare, comparison.compare_identity,
+                          comparison.check_runnable))
 
 
 # --- defaults --------------------------------------------------------------------------------------------------------
@@ -173,7 +178,11 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   workdir = Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise ConfigError(f"the workdir {workdir} exists and is not a directory; give a new or empty directory")
-  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise ConfigError(f"cannot create the workdir {workdir} ({error.strerror or error}); give a directory that can "
+                      "be created and written") from None
   marker = workdir / EXPERIMENT_FILE
   identity = config_utils.to_plain(identity)
   held = [p for p in workdir.iterdir() if p.name not in _SHARED_ENTRIES]
@@ -199,10 +208,27 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   os.replace(tmp, marker)
 
 
-def run(config: ml_collections.ConfigDict | dict, workdir: str | os.PathLike,
-        overridden: Collection[str] | None = None) -> Any:
-  """Parses and checks ``config`` (``parse``), claims ``workdir``, then runs ``config.mode`` in it; returns the mode's
-  result."""
+def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str] | None = None) -> tuple[Mode, Any]:
+  """``parse``, then the mode's checks that need the devices or the teacher (``Mode.check``): every error a config
+  can raise, as a ``ConfigError``, before the workdir is touched."""
   spec, typed = parse(config, overridden)
+  if spec.check is not None:
+    try:
+      spec.check(typed)
+    except (ValueError, TypeError, FileNotFoundError) as error:
+      message = error.args[0] if error.args else repr(error)
+      raise ConfigError(f"invalid config for mode {spec.name!r}: {message}") from None
+  return spec, typed
+
+
+def run_prepared(spec: Mode, typed: Any, workdir: str | os.PathLike) -> Any:
+  """Claims ``workdir`` for a ``prepare``d config, then runs its mode in it; returns the mode's result."""
   claim_workdir(workdir, spec.identity(typed), overwrite=typed.overwrite)
   return spec.run(typed, Path(workdir))
+
+
+def run(config: ml_collections.ConfigDict | dict, workdir: str | os.PathLike,
+        overridden: Collection[str] | None = None) -> Any:
+  """Parses and checks ``config`` (``prepare``), claims ``workdir``, then runs ``config.mode`` in it; returns the
+  mode's result."""
+  return run_prepared(*prepare(config, overridden), workdir)

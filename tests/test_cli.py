@@ -350,16 +350,34 @@ def test_a_tuple_option_of_a_method_section_is_overridable_and_checked(tmp_path)
 
 def test_narrowing_a_variants_methods_runs_and_an_unread_override_is_refused(tmp_path):
   """``configs/fmnist.py:compare`` sizes the mteo section; ``--config.compare.methods`` without MTEO is accepted (the
-  run gets as far as the workdir, here a file, refused), while also setting ``--config.mteo.steps`` is an error."""
-  path = tmp_path / "file"
-  path.write_text("kept")
+  run gets as far as claiming the workdir, here one of another experiment, refused), while also setting
+  ``--config.mteo.steps`` is an error."""
+  workdir = tmp_path / "w"
+  workdir.mkdir()
+  (workdir / "experiment.json").write_text('{"mode": "other"}')
+  (workdir / "kept.txt").write_text("kept")
   narrowed = "--config.compare.methods=('base','gits')"
-  for extra, message in (((), "is not a directory"), (("--config.mteo.steps=5",), r"mteo\.steps\) but no method")):
-    proc, cpu, times = run_cli_unchecked("--config=configs/fmnist.py:compare", f"--workdir={path}", narrowed, *extra,
-                                          timeout=60)
+  for extra, message in (((), "holds another experiment"),
+                         (("--config.mteo.steps=5",), r"mteo\.steps\) but no method")):
+    proc, cpu, times = run_cli_unchecked("--config=configs/fmnist.py:compare", f"--workdir={workdir}", narrowed,
+                                          *extra, timeout=60)
     assert proc.returncode == 2 and re.search(message, proc.stderr), proc.stderr[-4000:]
-    assert path.read_text() == "kept"
+    assert (workdir / "kept.txt").read_text() == "kept"
     assert_reported_before_any_work(cpu, times)
+
+
+def test_a_workdir_that_cannot_be_made_exits_2_with_one_line(tmp_path):
+  """A workdir under a file is refused in one line before any work; one that cannot be created (under /proc) names
+  the reason instead of a traceback."""
+  (tmp_path / "file").write_text("kept")
+  proc, cpu, times = run_cli_unchecked("--config=configs/gmm.py:pd", f"--workdir={tmp_path / 'file' / 'sub'}",
+                                        timeout=60)
+  assert proc.returncode == 2, proc.stderr[-4000:]
+  assert proc.stderr.strip().splitlines() == [f"error: the workdir {tmp_path / 'file' / 'sub'} is, or lies under, "
+                                              f"the file {tmp_path / 'file'}; give a directory"]
+  assert_reported_before_any_work(cpu, times)
+  with pytest.raises(modes.ConfigError, match=r"cannot create the workdir /proc/mteo_jax_test \(.+\); give a"):
+    modes.claim_workdir("/proc/mteo_jax_test", {"mode": "x"})
 
 
 def test_a_bad_value_exits_2_naming_the_valid_values(tmp_path):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mteo_jax import closed_form, modes, teachers
+from mteo_jax import closed_form, comparison, modes, teachers
 from mteo_jax import data as data_lib
 from mteo_jax import harness as harness_lib
 from mteo_jax.diffusion import Preconditioning
@@ -92,7 +92,10 @@ def test_pd_mode_config_errors():
   config.compare.teacher = "pretrained:gmm"
   assert modes.parse(config)[1].compare.methods == ("base", "pd")
   config.compare.solvers = ("ipndm",)
-  with pytest.raises(modes.ConfigError, match=r"add 'euler'"):
+  with pytest.raises(modes.ConfigError, match=r"compare\.nfes=\[8, 4, 2, 1\]: add 'euler'$"):
+    modes.parse(config)
+  config.compare.solvers, config.compare.nfes = ("euler",), (3, 5)
+  with pytest.raises(modes.ConfigError, match=r"compare\.nfes=\[3, 5\]: add some of those NFEs$"):
     modes.parse(config)
   config = modes.base_config("pd")
   config.compare.teacher = "pretrained:gmm"
@@ -102,8 +105,40 @@ def test_pd_mode_config_errors():
   compare = modes.base_config("compare")
   compare.compare.teacher = "pretrained:gmm"
   compare.compare.methods = ("base", "pd")
-  with pytest.raises(modes.ConfigError, match="run it with mode 'pd'"):
+  with pytest.raises(modes.ConfigError, match=r"run it with mode 'pd' \(a config file's :pd variant"):
     modes.parse(compare)
+
+
+def test_types_of_the_distillation_settings_are_checked():
+  for fields, message in (({"start_steps": 8.0}, "pd.start_steps must be an int, got 8.0"),
+                          ({"end_steps": True}, "pd.end_steps must be an int, got True"),
+                          ({"dropout": "yes"}, "pd.dropout must be a bool, got 'yes'"),
+                          ({"export_students": 1}, "pd.export_students must be a bool, got 1")):
+    with pytest.raises(TypeError, match=message):
+      PDSettings(**fields)
+
+
+def test_settings_that_do_not_suit_the_teacher_or_the_devices_fail_before_the_workdir(tmp_path, monkeypatch):
+  """A batch larger than the teacher's training set, dropout on a backbone without it, and a batch that does not
+  split over the devices are config errors raised before the workdir is claimed."""
+  def pd_config(**fields):
+    config = modes.base_config("pd")
+    config.compare.teacher = "pretrained:gmm"
+    config.pd.update(fields)
+    return config
+
+  for fields, message in (
+      ({"batch_size": 100000}, r"pd\.batch_size=100000 exceeds the 50000 examples of the teacher's training set 'gmm'"),
+      ({"dropout": True}, r"pd\.dropout=True but the teacher's backbone 'mlp' has no dropout")):
+    with pytest.raises(modes.ConfigError, match=message):
+      modes.run(pd_config(**fields), tmp_path / "w")
+    assert not (tmp_path / "w").exists()
+  PD(PDSettings(dropout=True)).check_teacher(teachers.Teacher.load("pretrained:digits"))   # a UNet with dropout 0.1
+  with monkeypatch.context() as patch:
+    patch.setattr(comparison.parallel, "make_mesh", lambda *args: types.SimpleNamespace(size=3))
+    with pytest.raises(modes.ConfigError, match=r"pd: batch_size=128 is not divisible by the 3 devices"):
+      modes.run(pd_config(), tmp_path / "w")
+  assert not (tmp_path / "w").exists()
 
 
 def test_dropout_option_changes_the_loss():

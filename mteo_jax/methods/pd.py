@@ -127,6 +127,12 @@ class PDSettings(loop.LoopConfig):
 
   def check(self, where: str) -> None:
     super().check(where)
+    for name in ("start_steps", "end_steps"):
+      if type(getattr(self, name)) is not int:
+        raise TypeError(f"{where}.{name} must be an int, got {getattr(self, name)!r}")
+    for name in ("dropout", "export_students"):
+      if type(getattr(self, name)) is not bool:
+        raise TypeError(f"{where}.{name} must be a bool, got {getattr(self, name)!r}")
     if self.end_steps < 1:
       raise ValueError(f"{where}.end_steps must be >= 1, got {self.end_steps}")
     ratio, remainder = divmod(self.start_steps, self.end_steps)
@@ -285,6 +291,23 @@ class PD(Method):
   def serves(self, cell: Cell) -> bool:
     return cell.solver_name == SOLVER and cell.nfe in self.settings.student_steps
 
+  def check_teacher(self, teacher: Any) -> None:
+    """What the settings need of ``teacher``, checked before any work (the ``pd`` mode runs it before it claims the
+    workdir).
+
+    Raises:
+      ValueError: the teacher names no training dataset; ``batch_size`` exceeds that dataset; ``dropout`` is set but
+        the teacher's backbone has no dropout (``backbone_kwargs.dropout`` missing or 0: the MLP and the DiT).
+    """
+    dataset, _ = training_data(teacher)
+    if self.settings.batch_size > len(dataset):
+      raise ValueError(f"pd.batch_size={self.settings.batch_size} exceeds the {len(dataset)} examples of the "
+                       f"teacher's training set {teacher.metadata.get('dataset')!r}")
+    rate = (teacher.metadata.get("backbone_kwargs") or {}).get("dropout") or 0.0
+    if self.settings.dropout and not rate:
+      raise ValueError(f"pd.dropout=True but the teacher's backbone {teacher.metadata.get('backbone')!r} has no "
+                       "dropout (its rate is 0 or it has none); leave pd.dropout off")
+
   def start_grid(self, harness: Harness) -> np.ndarray:
     """The first teacher's [start_steps + 1] sigmas: the harness's base schedule; every later grid is a subsample."""
     precond = harness.teacher.precond
@@ -385,11 +408,11 @@ def load_student(path: str | os.PathLike, *, parent: Any = None, steps: int | No
   from mteo_jax.teachers import Teacher  # noqa: PLC0415
   if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))):
     raise TypeError(f"steps must be an integer (the student's DDIM steps), got {steps!r}")
-  if parent is not None and not isinstance(parent, Teacher):
-    parent = Teacher.load(parent)   # a teacher spec: pretrained:<name> or an exported teacher directory
   path = Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"no PD student at {path}")
+  if parent is not None and not isinstance(parent, Teacher):
+    parent = Teacher.load(parent)   # a teacher spec: pretrained:<name> or an exported teacher directory
   try:
     info = checkpoints.load_metadata(path).get("distilled")
   except (OSError, ValueError) as error:
