@@ -203,7 +203,7 @@ HARMLESS_KEYS = {
 }
 
 
-def check_runnable(config: CompareConfig) -> None:
+def check_runnable(config: CompareConfig, teacher: Teacher | None = None) -> None:
   """The checks that need the devices or the teacher, run before the workdir is claimed (``modes.Mode.check``):
   each trained section's batch splits over the devices; PD's settings suit the teacher (``PD.check_teacher``).
 
@@ -214,7 +214,7 @@ def check_runnable(config: CompareConfig) -> None:
   for section in sorted(job.sections - {"gits"}):
     loop.check_batch_size(getattr(config, section).batch_size, mesh, where=section)
   if "pd" in job.sections:
-    PD(config.pd).check_teacher(Teacher.load(job.teacher))
+    PD(config.pd).check_teacher(teacher if teacher is not None else Teacher.load(job.teacher))
 
 
 def compare_identity(config: CompareConfig) -> dict:
@@ -253,8 +253,8 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   if not isinstance(config, CompareConfig):
     config = config_utils.from_dict(CompareConfig, config, where="config")
   job, workdir = config.compare, Path(workdir)
-  check_runnable(config)   # again for callers of this function (modes.run checks before claiming the workdir)
   teacher = Teacher.load(job.teacher)
+  check_runnable(config, teacher)   # again for callers of this function (modes.run checks before claiming the workdir)
   harness = Harness(teacher, workdir, job.harness_config(config.seed))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()

@@ -294,7 +294,8 @@ class Harness:
     train_seed, eval_seed: ``noise_seeds(config.seed)``.
     x_T_train, x_T_eval: [num_train | num_eval, *data_shape] float32 noise at ``sigma_max``.
     label_train, label_eval: [num] int labels for a conditional teacher, else None.
-    eval_reference: the reference of ``x_T_eval`` (its ``final`` is what samples are scored against).
+    eval_reference: the reference of ``x_T_eval`` (its ``final`` is what samples are scored against);
+      eval_reference_key: its ``reference.reference_key``.
     evaluate: the ``Evaluator``.
     rows: the rows scored so far; pictures: ``{row name: [grid_size, ...] samples}`` of the first NFE.
   """
@@ -314,8 +315,9 @@ class Harness:
     self.picture_nfe: int | None = None   # the NFE of the comparison pictures: the first cell's of the first run
     self._cells: list[Cell] = []
     self._train_reference: tuple[np.ndarray, Reference] | None = None
-    self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed,
-                                         np.array([sigma_max, teacher.precond.sigma_min], np.float32))
+    eval_sigmas = np.array([sigma_max, teacher.precond.sigma_min], np.float32)
+    self.eval_reference_key = self.reference_key(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
+    self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
     self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
     feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
     self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture)
@@ -406,8 +408,7 @@ class Harness:
     """
     heun, precond, steps = get_solver("heun"), self.teacher.precond, self.config.teacher_steps
     key = config_utils.to_plain({
-        "eval_reference": self.reference_key(self.x_T_eval, self.label_eval, self.eval_seed,
-                                             np.array([precond.sigma_max, precond.sigma_min], np.float32)),
+        "eval_reference": self.eval_reference_key,
         "teacher_steps": steps, "num_real": 0 if self.real is None else int(len(self.real)),
         "real_sha256": None if self.real is None else hashlib.sha256(np.ascontiguousarray(self.real)).hexdigest(),
         "feature_network": self.teacher.metadata.get("dataset") if len(self.teacher.data_shape) == 3 else None})

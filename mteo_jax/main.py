@@ -19,7 +19,6 @@ import importlib.util
 import logging as pylogging
 import os
 import sys
-from pathlib import Path
 from typing import Collection, Sequence
 
 import jax
@@ -40,16 +39,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike, overridden: Collection[str] | None = None):
   """Runs the job ``config.mode`` in ``workdir`` (``modes.run``: parse, check, claim the workdir, run)."""
   return modes.run(config, workdir, overridden)
-
-
-def _checked_workdir(workdir: str) -> None:
-  """A workdir path that names a file, or lies under one, is an error before any work (``claim_workdir`` says the
-  rest)."""
-  for path in (Path(workdir), *Path(workdir).parents):
-    if path.exists():
-      if not path.is_dir():
-        raise modes.ConfigError(f"the workdir {workdir} is, or lies under, the file {path}; give a directory")
-      return
 
 
 class _QuietLibraries(pylogging.Filter):
@@ -97,7 +86,7 @@ def main(argv: Sequence[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     overridden = set(config_flags.get_override_values(flags.FLAGS["config"]))
-    _checked_workdir(_WORKDIR.value)
+    modes.check_workdir_path(_WORKDIR.value)
     # Checked before anything is logged or done: one line, not a traceback.
     spec, typed = modes.prepare(_CONFIG.value, overridden)
     logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())

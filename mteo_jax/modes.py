@@ -167,6 +167,18 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
     raise ConfigError(f"invalid config for mode {spec.name!r}: {message}") from None
 
 
+def check_workdir_path(workdir: str | os.PathLike) -> None:
+  """Raises ConfigError where ``workdir`` is a file or lies under one (checked before any work)."""
+  workdir = Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise ConfigError(f"the workdir {workdir} exists and is not a directory; give a new or empty directory")
+  for path in workdir.parents:
+    if path.exists():
+      if not path.is_dir():
+        raise ConfigError(f"the workdir {workdir} is, or lies under, the file {path}; give a directory")
+      return
+
+
 def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool = False) -> None:
   """Marks ``workdir`` as holding the experiment ``identity`` (``experiment.json``).
 
@@ -176,8 +188,7 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   ``experiment.json`` is refused whatever ``overwrite`` says: nothing that this library did not write is deleted.
   """
   workdir = Path(workdir)
-  if workdir.exists() and not workdir.is_dir():
-    raise ConfigError(f"the workdir {workdir} exists and is not a directory; give a new or empty directory")
+  check_workdir_path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
   except OSError as error:
