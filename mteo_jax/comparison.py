@@ -99,6 +99,8 @@ class CompareConfig:
   mode: str = "compare"
   seed: int = 0
   overwrite: bool = False
+  distributed: str | bool = "false"   # True, False or auto: parallel.initialize_distributed
+  cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
   compare: CompareJobConfig = dataclasses.field(default_factory=CompareJobConfig)
   mteo: MTEOSettings = MTEOSettings()
   gits: GITSSettings = GITSSettings()

@@ -46,6 +46,8 @@ class MTEOExperimentConfig:
   mode: str = "mteo"
   seed: int = 0
   overwrite: bool = False
+  distributed: str | bool = "false"   # True, False or auto: parallel.initialize_distributed
+  cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
   mteo: MTEOJobConfig = dataclasses.field(default_factory=MTEOJobConfig)
 
 

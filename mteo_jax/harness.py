@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mteo_jax import config_utils, metrics
+from mteo_jax import config_utils, metrics, parallel
 from mteo_jax import data as data_lib
 from mteo_jax.schedules import SCHEDULES, get_schedule
 from mteo_jax.solvers import get_solver
@@ -212,16 +212,34 @@ class Artefact:
   path: str | None = None
 
 
-def batched(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> np.ndarray:
-  """``fn`` over chunks of the leading axis (the last chunk padded so that ``fn`` compiles once)."""
+def batched(fn: Callable[..., jax.Array], batch_size: int, *arrays,
+            mesh: jax.sharding.Mesh | None = None) -> np.ndarray:
+  """``fn`` over chunks of the leading axis of ``arrays`` (None entries passed through), data-parallel over ``mesh``.
+
+  Each chunk is split over the mesh's ``"data"`` axis, so a jitted ``fn`` runs on every device at once (it follows
+  its inputs' sharding). Chunks are padded (repeating the last row) to one size, a multiple of the device count, so
+  that ``fn`` compiles once; the padding is dropped from the result.
+
+  Args:
+    fn: ``fn(*chunks) -> [rows, ...]``.
+    batch_size: rows per call (rounded up to a multiple of the device count).
+    mesh: default ``parallel.local_mesh()``: this process's devices. Every process of a multi-host run computes the
+      whole result on its own devices (deterministic, no exchange between hosts).
+  """
+  mesh = parallel.local_mesh() if mesh is None else mesh
   num = arrays[0].shape[0]
+  size = min(batch_size, num)
+  size = -(-size // mesh.size) * mesh.size
+  sharding = parallel.data_sharding(mesh)
   outputs = []
-  for start in range(0, num, batch_size):
-    chunk = [None if a is None else a[start:start + batch_size] for a in arrays]
-    pad = batch_size - chunk[0].shape[0] if num > batch_size else 0
+  for start in range(0, num, size):
+    chunk = [None if a is None else np.asarray(a[start:start + size]) for a in arrays]
+    pad = size - chunk[0].shape[0]
     if pad:
       chunk = [None if c is None else np.concatenate([c, np.repeat(c[-1:], pad, axis=0)]) for c in chunk]
-    outputs.append(np.asarray(fn(*chunk))[:batch_size - pad])
+    if mesh.size > 1:
+      chunk = [None if c is None else jax.device_put(c, sharding) for c in chunk]
+    outputs.append(np.asarray(fn(*chunk))[:size - pad])
   return np.concatenate(outputs)
 
 
@@ -494,6 +512,10 @@ def _json_default(value: Any) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
+  """Writes ``value`` to ``path`` atomically (a temporary file, then a rename); on a multi-host run only process 0
+  writes."""
+  if not parallel.is_writer():
+    return
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps(value, indent=2, default=_json_default))
   os.replace(tmp, path)
@@ -509,8 +531,10 @@ def draw_pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[di
   histogram for D = 1; ``viz.save_samples_picture``). Then ``rmse_bars.png``: each solver's RMSE at ``nfe`` per
   method.
   """
-  from mteo_jax import viz  # noqa: PLC0415 (matplotlib is slow to import)
   errors: dict[str, str] = {}
+  if not parallel.is_writer():   # a multi-host run: process 0 draws
+    return errors
+  from mteo_jax import viz  # noqa: PLC0415 (matplotlib is slow to import)
 
   def attempt(name: str, draw: Callable[[], Any]) -> Any:
     try:

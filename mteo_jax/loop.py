@@ -426,8 +426,8 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
                    config.steps, record["loss"], record["grad_norm"], record["lr"], rate, (config.steps - step) / rate)
       pending, t_log = [], time.perf_counter()
 
-    bar = tqdm.tqdm(total=config.steps, initial=start, desc=desc, unit="step", disable=not config.progress,
-                    dynamic_ncols=True, mininterval=1.0)
+    bar = tqdm.tqdm(total=config.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
+                    disable=not config.progress or not parallel.is_writer())   # one bar on a multi-host run
     with bar:
       for step in range(start + 1, config.steps + 1):
         batch = _host_rows(next(batch_iter), config.batch_size)

@@ -10,7 +10,10 @@ Examples:
     python -m mteo_jax.main --config=configs/digits.py --workdir=/tmp/digits --config.train.steps=2000
     python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=/tmp/mteo --config.mteo.steps=500
 
-Multi-host: add ``jax.distributed.initialize()`` before ``run`` (every process runs the same command).
+Multi-host (a TPU pod slice, several GPU hosts): every process runs the same command with
+``--config.distributed=True`` (or ``auto``), which calls ``jax.distributed.initialize()`` before anything else
+(``parallel.initialize_distributed``; ``--config.cluster.*`` where the cluster is not detected); ``launch/tpu_pod.sh``
+does it on a Cloud TPU slice.
 """
 
 from __future__ import annotations
@@ -89,6 +92,8 @@ def main(argv: Sequence[str]) -> None:
     modes.check_workdir_path(_WORKDIR.value)
     # Checked before anything is logged or done: one line, not a traceback.
     spec, typed = modes.prepare(_CONFIG.value, overridden)
+    if jax.process_index() > 0:   # a multi-host run: process 0 reports, the others only warn
+      logging.set_verbosity(logging.WARNING)
     logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())
     logging.info("config:\n%s", _CONFIG.value)
     modes.run_prepared(spec, typed, _WORKDIR.value)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Collection
 import ml_collections
 from absl import logging
 
-from mteo_jax import comparison, config_utils, experiment, loop, train
+from mteo_jax import comparison, config_utils, experiment, loop, parallel, train
 from mteo_jax.registry import Registry
 
 EXPERIMENT_FILE = "experiment.json"
@@ -159,6 +159,8 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
                       f"(start the config from modes.base_config({spec.name!r}))")
   try:
     typed = config_utils.from_dict(spec.config_class, plain, where="config")
+    parallel.distributed_choice(typed.distributed)
+    typed.cluster.check()
     if hasattr(typed, "check_unread"):
       typed.check_unread(overridden)
     return spec, typed
@@ -186,6 +188,7 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   ``overwrite``: then those results (everything but the content-keyed ``references/`` cache) are deleted first. A
   workdir of the same experiment is resumed; one without results is simply claimed. A non-empty directory without
   ``experiment.json`` is refused whatever ``overwrite`` says: nothing that this library did not write is deleted.
+  On a multi-host run every process checks and process 0 deletes and writes, between barriers.
   """
   workdir = Path(workdir)
   check_workdir_path(workdir)
@@ -196,6 +199,7 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
                       "be created and written") from None
   marker = workdir / EXPERIMENT_FILE
   identity = config_utils.to_plain(identity)
+  parallel.barrier("claim_workdir:start")   # every process looks before any writes (multi-host on a shared disk)
   held = [p for p in workdir.iterdir() if p.name not in _SHARED_ENTRIES]
   if marker.exists() and held:
     try:
@@ -209,20 +213,28 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
                          "to delete its results and start again")
       logging.warning("overwrite=True: deleting the results of another experiment in %s: %s", workdir,
                       sorted(p.name for p in held))
-      for path in held:
+      parallel.barrier("claim_workdir:checked")
+      for path in held if parallel.is_writer() else ():
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
   elif held and not marker.exists():
     raise ConfigError(f"{workdir} is not empty ({sorted(p.name for p in held)[:5]}) and holds no {EXPERIMENT_FILE} of "
                      "this library, so nothing in it is deleted or overwritten; use an empty or new workdir")
-  tmp = marker.with_name(f".{marker.name}.tmp")
-  tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
-  os.replace(tmp, marker)
+  if parallel.is_writer():
+    tmp = marker.with_name(f".{marker.name}.tmp")
+    tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
+    os.replace(tmp, marker)
+  parallel.barrier("claim_workdir:done")
 
 
 def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str] | None = None) -> tuple[Mode, Any]:
-  """``parse``, then the mode's checks that need the devices or the teacher (``Mode.check``): every error a config
-  can raise, as a ``ConfigError``, before the workdir is touched."""
+  """``parse``, then ``jax.distributed.initialize`` where ``config.distributed`` asks for it, then the mode's checks
+  that need the devices or the teacher (``Mode.check``): every error a config can raise, as a ``ConfigError``, before
+  the workdir is touched."""
   spec, typed = parse(config, overridden)
+  try:   # before anything touches the devices: the processes of a multi-host run meet here
+    parallel.initialize_distributed(typed.distributed, typed.cluster)
+  except ValueError as error:
+    raise ConfigError(f"invalid config for mode {spec.name!r}: {error}") from None
   if spec.check is not None:
     try:
       spec.check(typed)

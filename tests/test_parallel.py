@@ -113,3 +113,144 @@ def test_eight_devices_match_one_device(tmp_path):
   np.testing.assert_allclose(eight["ema"], one["ema"], rtol=1e-4)
   assert eight["ema"] != eight["params"]  # the EMA is a separate average, not the parameters again
   assert len(set(np.round(one["losses"], 6))) > 1  # a real curve, not one value repeated
+
+
+# --- every learning mode on 8 devices, and two processes of a jax.distributed run ------------------------------------
+
+_CHEAP_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def _run_job(args, env_extra):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+             XLA_FLAGS=_CHEAP_COMPILE)
+  env.update(env_extra)
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "tests", "multidevice_jobs.py"), *args], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _result(proc, timeout=600):
+  out, err = proc.communicate(timeout=timeout)
+  assert proc.returncode == 0, err[-3000:]
+  return json.loads(next(line for line in out.splitlines() if line.startswith("RESULT"))[len("RESULT"):])
+
+
+def _assert_rows_match(rows, expected, rtol):
+  cells = lambda table: [(r["method"], r["solver"], r["nfe"]) for r in table]  # noqa: E731
+  assert cells(rows) == cells(expected)
+  for row, want in zip(rows, expected):
+    np.testing.assert_allclose(row["rmse"], want["rmse"], rtol=rtol, err_msg=row["method"])
+    np.testing.assert_allclose(row["psnr"], want["psnr"], rtol=rtol, err_msg=row["method"])
+    if want["loss_curve"] is not None:
+      assert row["loss_curve"]["step"] == want["loss_curve"]["step"]
+      np.testing.assert_allclose(row["loss_curve"]["loss"], want["loss_curve"]["loss"], rtol=rtol,
+                                 err_msg=row["method"])
+
+
+def _free_port():
+  import socket  # noqa: PLC0415
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def test_learning_modes_on_eight_devices_and_two_processes_match_one_device(tmp_path):
+  """compare (LD3, INDIS, MTEO beside the base solver) and pd (a round of progressive distillation), each trained,
+  sampled and scored on 8 host devices, give the losses and held-out errors of the same run on 1 device; and the
+  compare job (MTEO) run as two processes of ``jax.distributed`` on localhost (``--config.distributed=True`` with
+  ``cluster.*``, a 2-device mesh across the processes, each feeding its half of every batch, gloo collectives) gives
+  those of one process, in both processes.
+
+  One test, not three, so that the 1-device run and the reference solve serve all the comparisons
+  (``tests/multidevice_jobs.py``)."""
+  devices = _result(_run_job(["devices", str(tmp_path / "devices")],
+                             {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {_CHEAP_COMPILE}"}))
+  assert devices["devices"] == 8
+  many, one = devices["many"], devices["one"]
+  assert {r["method"] for r in many["compare"]} == {"teacher", "base", "ld3", "indis", "mteo"}
+  assert {r["method"] for r in many["pd"]} == {"teacher", "base", "pd"}
+  for mode in ("compare", "pd"):
+    _assert_rows_match(many[mode], one[mode], rtol=1e-4)   # only the order of the cross-device sums differs
+  curves = [r["loss_curve"]["loss"] for r in one["compare"] if r["loss_curve"]]
+  assert len(curves) == 3 and all(len(set(np.round(c, 7))) > 1 for c in curves)   # real curves, not one value
+
+  port = _free_port()
+  procs = [_run_job(["processes", str(tmp_path / "processes"), f"localhost:{port}", "2", str(index),
+                     str(tmp_path / "devices" / "many" / "compare")], {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
+           for index in range(2)]
+  results = [_result(proc, timeout=600) for proc in procs]
+  assert [(r["processes"], r["devices"], r["process_index"]) for r in results] == [(2, 2, 0), (2, 2, 1)]
+  expected = [r for r in one["compare"] if r["method"] in ("teacher", "base", "mteo")]
+  for result in results:
+    _assert_rows_match(result["compare"], expected, rtol=1e-4)
+  saved = json.loads((tmp_path / "processes" / "results.json").read_text())
+  assert [r["method"] for r in saved["rows"]] == ["teacher", "base", "mteo"]   # process 0 wrote it, once
+
+
+def test_distributed_settings_are_checked_before_any_work():
+  """config.distributed takes True, False or auto (any case); cluster.* must be consistent; a bad value is a
+  ConfigError naming the key."""
+  from mteo_jax import modes  # noqa: PLC0415
+  assert [parallel.distributed_choice(v) for v in (True, False, "auto", "TRUE", " False ")] == \
+      ["true", "false", "auto", "true", "false"]
+  for mode in ("train", "mteo", "compare", "pd"):
+    config = modes.base_config(mode)
+    assert config.distributed == "false" and dict(config.cluster) == {
+        "coordinator_address": "", "num_processes": 0, "process_id": -1}
+  config = modes.base_config("mteo")
+  config.mteo.teacher = "pretrained:gmm"
+  modes.parse(config)
+  config.distributed = "sometimes"
+  with pytest.raises(modes.ConfigError, match=r"distributed must be True, False or auto, got 'sometimes'"):
+    modes.parse(config)
+  for fields, message in (({"num_processes": -1}, r"cluster\.num_processes must be >= 0"),
+                          ({"process_id": -2}, r"cluster\.process_id must be >= 0, or -1"),
+                          ({"num_processes": 2, "process_id": 2}, r"process_id=2 is not below num_processes=2"),
+                          ({"coordinator_address": "localhost"}, r"coordinator_address must be host:port")):
+    config = modes.base_config("mteo")
+    config.mteo.teacher = "pretrained:gmm"
+    config.cluster.update(fields)
+    with pytest.raises(modes.ConfigError, match=message):
+      modes.parse(config)
+
+
+def test_auto_initialises_only_in_a_cluster_and_late_initialisation_is_a_clear_error(monkeypatch):
+  """``auto`` acts on the environments jax.distributed detects (TPU VM slice, JAX_COORDINATOR_ADDRESS, SLURM or
+  Open MPI with more than one task) and does nothing elsewhere; ``false`` never initialises; asking for it after JAX
+  has run (as here) is a ValueError that says it must come first."""
+  assert not parallel.cluster_detected({})
+  assert not parallel.cluster_detected({"SLURM_NTASKS": "1", "OMPI_COMM_WORLD_SIZE": "1"})
+  for env in ({"TPU_WORKER_HOSTNAMES": "w0,w1"}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.2:1234"},
+              {"SLURM_NTASKS": "4"}, {"OMPI_COMM_WORLD_SIZE": "2"}):
+    assert parallel.cluster_detected(env), env
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  for name in parallel._CLUSTER_VARIABLES + ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
+    monkeypatch.delenv(name, raising=False)
+  assert parallel.initialize_distributed("auto") is False and parallel.initialize_distributed(False) is False
+  assert calls == []
+  monkeypatch.setenv("SLURM_NTASKS", "2")
+  assert parallel.initialize_distributed("auto") is True
+  assert parallel.initialize_distributed("true", parallel.ClusterConfig("localhost:1", 2, 1)) is True
+  assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None},
+                   {"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 1}]
+  monkeypatch.undo()
+  jax.numpy.zeros(1).block_until_ready()   # the backend is up, as in any process that has run JAX
+  with pytest.raises(ValueError, match=r"must come before any other JAX call"):
+    parallel.initialize_distributed("true", parallel.ClusterConfig("localhost:1", 2, 0))
+
+
+def test_batched_pads_each_chunk_to_the_mesh_and_drops_the_padding():
+  """harness.batched: chunks split over the mesh's devices, padded to one size (a multiple of the device count), the
+  padding dropped; None arguments pass through."""
+  from mteo_jax.harness import batched  # noqa: PLC0415
+  seen = []
+
+  def fn(x, label):
+    seen.append((x.shape, label))
+    return x * 2
+
+  x = np.arange(10.0).reshape(5, 2)
+  np.testing.assert_array_equal(batched(fn, 2, x, None), 2 * x)
+  assert seen == [((2, 2), None)] * 3   # 2 + 2 + (1 padded to 2)
+  seen.clear()
+  np.testing.assert_array_equal(batched(jax.jit(fn), 8, x, None, mesh=parallel.make_mesh()), 2 * x)
