@@ -69,9 +69,17 @@ def _teacher_identity(config: train.TeacherConfig) -> dict:
       "seed": config.seed, "data": config.data, "model": config.model, "precond": config.precond})}
 
 
-MODES.register("train")(Mode("train", train.TeacherConfig, train.train, _teacher_identity))
+def _check_train(config: train.TeacherConfig) -> None:
+  loop.check_batch_size(config.train.batch_size, parallel.make_mesh(), where="train")
+
+
+def _check_mteo(config: experiment.MTEOExperimentConfig) -> None:
+  loop.check_batch_size(config.mteo.batch_size, parallel.make_mesh(), where="mteo")
+
+
+MODES.register("train")(Mode("train", train.TeacherConfig, train.train, _teacher_identity, _check_train))
 MODES.register("mteo")(Mode("mteo", experiment.MTEOExperimentConfig, experiment.run_mteo,
-                            experiment.experiment_identity))
+                            experiment.experiment_identity, _check_mteo))
 MODES.register("compare")(Mode("compare", comparison.CompareConfig, comparison.run_compare,
                                comparison.compare_identity, comparison.check_runnable))
 MODES.register("pd")(Mode("pd", comparison.PDConfig, comparison.run_compare, comparison.compare_identity,

@@ -112,6 +112,8 @@ def initialize_distributed(distributed: Any, cluster: ClusterConfig = ClusterCon
   kwargs = {"coordinator_address": cluster.coordinator_address or None,
             "num_processes": cluster.num_processes or None,
             "process_id": None if cluster.process_id < 0 else cluster.process_id}
+  if getattr(jax.config, "jax_cpu_collectives_implementation", "gloo") in (None, "none"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes need it to sum across hosts
   try:
     jax.distributed.initialize(**kwargs)
   except RuntimeError as error:

@@ -59,9 +59,29 @@ def seed_references(source, workdir):
     shutil.copytree(Path(source) / "references", Path(workdir) / "references")
 
 
+def refusals(workdir):
+  """Each mode's config with a training batch of 12, which 8 devices cannot split: the messages, and whether the
+  workdir was touched."""
+  from configs import gmm  # noqa: PLC0415  (the repository's config tree)
+  by_mode = {"train": gmm.get_config("tiny"), "mteo": modes.base_config("mteo"), "compare": compare_config(),
+             "pd": pd_config()}
+  by_mode["train"].train.batch_size = 12
+  by_mode["mteo"].mteo.update({"teacher": "pretrained:gmm", "batch_size": 12})
+  by_mode["compare"].mteo.batch_size = 12
+  by_mode["pd"].pd.batch_size = 12
+  out = {}
+  for mode, config in by_mode.items():
+    try:
+      modes.run(config, f"{workdir}/refused_{mode}")
+      out[mode] = None
+    except modes.ConfigError as error:
+      out[mode] = [str(error), Path(f"{workdir}/refused_{mode}").exists()]
+  return out
+
+
 def on_devices(workdir):
   import jax  # noqa: PLC0415
-  out = {"devices": jax.device_count()}
+  out = {"devices": jax.device_count(), "refusals": refusals(workdir)}
   make_mesh = parallel.make_mesh
   for name in ("many", "one"):
     if name == "one":   # every mesh the library makes: the first device only

@@ -154,10 +154,11 @@ def _free_port():
 
 
 def test_learning_modes_on_eight_devices_and_two_processes_match_one_device(tmp_path):
-  """compare (LD3, INDIS, MTEO beside the base solver) and pd (a round of progressive distillation), each trained,
+  """A training batch that 8 devices cannot split is a config error before the workdir is touched, in every mode.
+  compare (LD3, INDIS, MTEO beside the base solver) and pd (a round of progressive distillation), each trained,
   sampled and scored on 8 host devices, give the losses and held-out errors of the same run on 1 device; and the
   compare job (MTEO) run as two processes of ``jax.distributed`` on localhost (``--config.distributed=True`` with
-  ``cluster.*``, a 2-device mesh across the processes, each feeding its half of every batch, gloo collectives) gives
+  ``cluster.*``, a 2-device mesh across the processes, each feeding its half of every batch) gives
   those of one process, in both processes.
 
   One test, not three, so that the 1-device run and the reference solve serve all the comparisons
@@ -165,6 +166,10 @@ def test_learning_modes_on_eight_devices_and_two_processes_match_one_device(tmp_
   devices = _result(_run_job(["devices", str(tmp_path / "devices")],
                              {"XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {_CHEAP_COMPILE}"}))
   assert devices["devices"] == 8
+  for mode, (message, touched) in devices["refusals"].items():   # before any work, the workdir untouched
+    section = {"compare": "mteo"}.get(mode, mode)
+    assert f"{section}: batch_size=12 is not divisible by the 8 devices; use a multiple of 8" in message, message
+    assert not touched, mode
   many, one = devices["many"], devices["one"]
   assert {r["method"] for r in many["compare"]} == {"teacher", "base", "ld3", "indis", "mteo"}
   assert {r["method"] for r in many["pd"]} == {"teacher", "base", "pd"}
@@ -175,7 +180,7 @@ def test_learning_modes_on_eight_devices_and_two_processes_match_one_device(tmp_
 
   port = _free_port()
   procs = [_run_job(["processes", str(tmp_path / "processes"), f"localhost:{port}", "2", str(index),
-                     str(tmp_path / "devices" / "many" / "compare")], {"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"})
+                     str(tmp_path / "devices" / "many" / "compare")], {})
            for index in range(2)]
   results = [_result(proc, timeout=600) for proc in procs]
   assert [(r["processes"], r["devices"], r["process_index"]) for r in results] == [(2, 2, 0), (2, 2, 1)]
