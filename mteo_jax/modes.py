@@ -43,6 +43,8 @@ class Mode:
   Attributes:
     name: the value of ``config.mode``.
     config_class: a frozen dataclass for the whole config; every field has a default (nested dataclasses recurse).
+      The built-in modes' have ``distributed`` and ``cluster`` (multi-host runs); a mode without them runs on one
+      process.
     run: ``run(typed_config, workdir: Path)``.
     identity: ``identity(typed_config) -> dict``: what makes two runs in one workdir the same experiment (leave out
       what may change between a run and its resumption: logging, progress, evaluation sizes, ...).
@@ -167,8 +169,8 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
                       f"(start the config from modes.base_config({spec.name!r}))")
   try:
     typed = config_utils.from_dict(spec.config_class, plain, where="config")
-    parallel.distributed_choice(typed.distributed)
-    typed.cluster.check()
+    parallel.distributed_choice(getattr(typed, "distributed", False))
+    getattr(typed, "cluster", parallel.ClusterConfig()).check()
     if hasattr(typed, "check_unread"):
       typed.check_unread(overridden)
     return spec, typed
@@ -240,7 +242,8 @@ def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str
   the workdir is touched."""
   spec, typed = parse(config, overridden)
   try:   # before anything touches the devices: the processes of a multi-host run meet here
-    parallel.initialize_distributed(typed.distributed, typed.cluster)
+    parallel.initialize_distributed(getattr(typed, "distributed", False),
+                                    getattr(typed, "cluster", parallel.ClusterConfig()))
   except ValueError as error:
     raise ConfigError(f"invalid config for mode {spec.name!r}: {error}") from None
   if spec.check is not None:

@@ -79,7 +79,8 @@ def test_dry_run_prints_the_whole_sequence_in_order(tmp_path, accelerator_type, 
                     "--config.mteo.steps=500", "--config.mteo.solvers=('euler','ipndm')", cwd=str(tmp_path))
   assert proc.returncode == 0, proc.stderr
   commands = gcloud_commands(proc.stdout)
-  assert [argv[:5] for argv in commands] == [TPU + [verb] for verb in ("describe", "create", "scp", "ssh", "ssh", "scp")]
+  verbs = ("describe", "create", "scp", "ssh", "ssh", "scp")
+  assert [argv[:5] for argv in commands] == [TPU + [verb] for verb in verbs]
   describe, create, scp_to, install, train, scp_back = commands
   zone = "--zone=us-central2-b"
   assert describe == TPU + ["describe", "pod1", zone]
