@@ -116,10 +116,11 @@ def initialize_distributed(distributed: Any, cluster: ClusterConfig = ClusterCon
     jax.config.update("jax_cpu_collectives_implementation", "gloo")   # CPU processes need it to sum across hosts
   try:
     jax.distributed.initialize(**kwargs)
-  except RuntimeError as error:
-    raise ValueError(f"distributed={distributed!r}: jax.distributed.initialize({kwargs}) failed: {error}. It must come "
+  except (RuntimeError, ValueError) as error:   # ValueError: nothing detected and nothing given
+    raise ValueError(f"distributed={distributed!r}: jax.distributed.initialize({kwargs}) failed: {error} It must come "
                      "before any other JAX call in the process, and every process must reach the coordinator; set "
-                     "cluster.coordinator_address / num_processes / process_id where they are not detected") from None
+                     "cluster.coordinator_address, cluster.num_processes and cluster.process_id where the cluster is "
+                     "not detected (a Cloud TPU slice, SLURM or Open MPI is)") from None
   return True
 
 

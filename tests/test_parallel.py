@@ -238,6 +238,12 @@ def test_auto_initialises_only_in_a_cluster_and_late_initialisation_is_a_clear_e
   assert parallel.initialize_distributed("true", parallel.ClusterConfig("localhost:1", 2, 1)) is True
   assert calls == [{"coordinator_address": None, "num_processes": None, "process_id": None},
                    {"coordinator_address": "localhost:1", "num_processes": 2, "process_id": 1}]
+  def undetected(**kwargs):
+    raise ValueError("coordinator_address should be defined.")
+  monkeypatch.setattr(jax.distributed, "initialize", undetected)
+  with pytest.raises(ValueError, match=r"set cluster\.coordinator_address, cluster\.num_processes and "
+                                       r"cluster\.process_id where the cluster is not detected"):
+    parallel.initialize_distributed("true")
   monkeypatch.undo()
   jax.numpy.zeros(1).block_until_ready()   # the backend is up, as in any process that has run JAX
   with pytest.raises(ValueError, match=r"must come before any other JAX call"):
