@@ -70,7 +70,11 @@ usage() {
 }
 
 usage_error() {
-  usage >&2
+  # The synopsis (the usage's first three lines), a pointer to --help, and last the problem.
+  local lines
+  mapfile -t lines < <(usage)
+  printf '%s\n' "${lines[@]:0:3}" >&2
+  echo "(bash launch/tpu_pod.sh --help lists every option)" >&2
   echo "${prog}: error: $*" >&2
   exit 2
 }
@@ -84,7 +88,14 @@ while [[ $# -gt 0 ]]; do
   shift
   case "${arg}" in
     -h|--help) usage; exit 0 ;;
-    --) extras=("$@"); break ;;
+    --)
+      extras=("$@")
+      for extra in ${extras[@]+"${extras[@]}"}; do
+        # The workers' command line takes config overrides only; this script's own options belong before `--`.
+        [[ ${extra} == --config.* ]] || usage_error "'${extra}' after --: only --config.<key>=<value> overrides go" \
+                                                    "there (this script's own options, e.g. --dry-run, go before --)"
+      done
+      break ;;
     --spot|--dry-run|--delete-after)
       case "${arg}" in
         --spot) spot=1 ;;
@@ -151,6 +162,23 @@ source_dir="$(cd "${source_dir}" && pwd)"
 config_file="${config%%:*}"
 [[ ${config_file} != /* ]] || usage_error "--config ${config} must be inside --source ${source_dir}"
 [[ -f ${source_dir}/${config_file} ]] || usage_error "--config: no file ${config_file} in ${source_dir}"
+# The variant too, before a real run, where this machine can build the config (the package installed): a typo fails
+# here, not on every worker after the slice is created. (--dry-run creates nothing and skips it.)
+if [[ ${dry_run} -eq 0 && ${config} == *:* ]] && python3 -c "import mteo_jax" > /dev/null 2>&1; then
+  problem="$(cd "${source_dir}" && python3 - "${config_file}" "${config#*:}" 2>&1 <<'PY' | tail -n 1
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("config_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+try:
+  if hasattr(module, "get_config"):
+    module.get_config(sys.argv[2])
+except Exception as error:  # the config file's own message, e.g. its list of variants
+  print(f"{type(error).__name__}: {error}")
+PY
+)" || true
+  [[ -z ${problem} ]] || usage_error "--config ${config}: ${problem}"
+fi
 
 if [[ -z ${workdir} ]]; then
   config_name="${config_file##*/}"

@@ -169,8 +169,13 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
                       f"(start the config from modes.base_config({spec.name!r}))")
   try:
     typed = config_utils.from_dict(spec.config_class, plain, where="config")
-    parallel.distributed_choice(getattr(typed, "distributed", False))
-    getattr(typed, "cluster", parallel.ClusterConfig()).check()
+    distributed = parallel.distributed_choice(getattr(typed, "distributed", False))
+    cluster = getattr(typed, "cluster", parallel.ClusterConfig())
+    cluster.check()
+    if distributed == "false" and cluster != parallel.ClusterConfig():
+      changed = config_utils.diff(config_utils.to_plain(parallel.ClusterConfig()), config_utils.to_plain(cluster))
+      raise ValueError(f"cluster is set ({changed}) but distributed is False: cluster.* is read only with "
+                       "distributed=True or auto")
     if hasattr(typed, "check_unread"):
       typed.check_unread(overridden)
     return spec, typed

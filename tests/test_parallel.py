@@ -210,7 +210,9 @@ def test_distributed_settings_are_checked_before_any_work():
   for fields, message in (({"num_processes": -1}, r"cluster\.num_processes must be >= 0"),
                           ({"process_id": -2}, r"cluster\.process_id must be >= 0, or -1"),
                           ({"num_processes": 2, "process_id": 2}, r"process_id=2 is not below num_processes=2"),
-                          ({"coordinator_address": "localhost"}, r"coordinator_address must be host:port")):
+                          ({"coordinator_address": "localhost"}, r"coordinator_address must be host:port"),
+                          ({"num_processes": 2, "process_id": 1},
+                           r"cluster is set \(\['num_processes', 'process_id'\]\) but distributed is False")):
     config = modes.base_config("mteo")
     config.mteo.teacher = "pretrained:gmm"
     config.cluster.update(fields)

@@ -177,13 +177,15 @@ def test_explicit_options_override_the_defaults(tmp_path):
   (required_args() + ["--spot=yes"], "option --spot takes no value"),
   (required_args(accelerator_type="v9x-8"), "pass --runtime-version"),
   (required_args(config="configs/nope.py:mteo"), "no file configs/nope.py"),
+  (required_args() + ["--", "--config.mteo.steps=5", "--dry-run"], "'--dry-run' after --: only --config."),
 ], ids=["unknown", "positional", "short", "no-name", "no-zone", "no-type", "no-config", "no-value-at-end",
-        "empty-value", "option-as-value", "flag-with-value", "unknown-generation", "no-such-config"])
+        "empty-value", "option-as-value", "flag-with-value", "unknown-generation", "no-such-config",
+        "own-option-after-dashes"])
 def test_usage_errors_exit_2_with_the_usage(tmp_path, args, problem):
   """Each usage error exits 2 before any command, with the usage on stderr and a last line naming the problem."""
   proc = run_script(*args, "--dry-run", cwd=str(tmp_path))
   assert proc.returncode == 2
-  assert USAGE_LINE in proc.stderr and "--accelerator-type TYPE" in proc.stderr
+  assert USAGE_LINE in proc.stderr and "--accelerator-type=TYPE" in proc.stderr and "--help lists" in proc.stderr
   last = proc.stderr.strip().splitlines()[-1]
   assert last.startswith("tpu_pod.sh: error: ") and problem in last, last
   assert proc.stdout == ""
@@ -252,19 +254,26 @@ elif verb == "ssh" and "mteo_jax.main" in args[-1]:
 """
 
 
+TOY_CONFIG = """def get_config(variant=None):  # edited, not committed
+  if variant != "a":
+    raise ValueError(f"unknown variant {variant!r}; expected one of ['a']")
+  return variant
+"""
+
+
 def make_source(path) -> None:
   """A small git repository: committed, edited, untracked, ignored, deleted, .venv/ and runs/ files."""
   def git(*args):
     subprocess.run(["git", "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
                    capture_output=True, timeout=30)
   (path / "configs").mkdir(parents=True)
-  (path / "configs" / "toy.py").write_text("committed\n")
+  (path / "configs" / "toy.py").write_text("def get_config(variant=None):\n  return variant\n")
   (path / "gone.py").write_text("deleted later\n")
   (path / ".gitignore").write_text("*.log\n")
   git("init", "-q")
   git("add", ".")
   git("commit", "-q", "-m", "init")
-  (path / "configs" / "toy.py").write_text("edited, not committed\n")
+  (path / "configs" / "toy.py").write_text(TOY_CONFIG)
   (path / "new.py").write_text("untracked\n")
   (path / "debug.log").write_text("ignored\n")
   (path / "gone.py").unlink()
@@ -300,7 +309,7 @@ def test_run_against_a_fake_gcloud(tmp_path, exists):
   with tarfile.open(tarball) as tar:
     names = sorted(tar.getnames())
     assert names == [".gitignore", "configs/toy.py", "new.py"]
-    assert tar.extractfile("configs/toy.py").read() == b"edited, not committed\n"
+    assert tar.extractfile("configs/toy.py").read() == TOY_CONFIG.encode()
   assert (tmp_path / "back" / "results.json").exists()
   assert os.listdir(tmp_path / "tmp") == []
 
@@ -323,3 +332,21 @@ def test_failed_run_keeps_the_vm_and_prints_the_delete_command(tmp_path):
   assert [json.loads(line)[3] for line in log.read_text().splitlines()] == ["describe", "scp", "ssh", "ssh"]
   hint = [shlex.split(line[2:]) for line in proc.stderr.splitlines() if line.startswith("+ ")]
   assert hint == [TPU + ["delete", "pod1", "--zone=us-central2-b", "--quiet"]]
+
+
+def test_a_real_run_refuses_an_unknown_variant_before_any_gcloud_command(tmp_path):
+  """Before a real run the config file's get_config(variant) is built here (where the package imports): a typo in the
+  variant exits 2 with the config's own message, before the slice is created."""
+  source = tmp_path / "src"
+  make_source(source)
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
+  (bin_dir / "gcloud").chmod(0o755)
+  log = tmp_path / "calls.jsonl"
+  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
+             f"{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_TARBALL=str(tmp_path / "t.tar.gz"),
+             FAKE_DESCRIBE_RC="1", FAKE_RUN_RC="0")
+  proc = run_script(*required_args(config="configs/toy.py:b"), f"--source={source}", cwd=str(tmp_path), env=env)
+  assert proc.returncode == 2 and not log.exists(), proc.stderr
+  assert "--config configs/toy.py:b: ValueError: unknown variant 'b'; expected one of ['a']" in proc.stderr
