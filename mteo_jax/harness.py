@@ -372,7 +372,7 @@ class Harness:
     return self.cache.get_or_compute(key, lambda: reference_trajectories(
         teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
         batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
-        progress=self.config.progress))
+        progress=self.config.progress and parallel.is_writer()))
 
   def train_data(self, cell: Cell) -> dict[str, np.ndarray]:
     """``{"x_T": [num_train, ...], "ref": [num_train, N + 1, ...], "label"?: [num_train]}``: the teacher's states
