@@ -282,23 +282,31 @@ def make_source(path) -> None:
     (path / sub / "big.bin").write_text("x")
 
 
-@pytest.mark.parametrize("exists", [False, True], ids=["create", "reuse"])
-def test_run_against_a_fake_gcloud(tmp_path, exists):
-  """Without --dry-run, against a fake gcloud: create only when describe fails, the tarball holds the files as on disk
-  (edits and untracked files in; ignored, deleted, .venv/ and runs/ out), the workdir lands in --local-dir even when
-  that exists empty, the temporary directory is removed."""
+def fake_cloud(tmp_path, *, describe_rc: int, run_rc: int = 0):
+  """A source repository (``make_source``) and an environment whose gcloud is ``FAKE_GCLOUD`` (the virtualenv's
+  python3 on PATH, so that the script can build configs): ``(source, env, calls log, tarball copy)``."""
   source = tmp_path / "src"
   make_source(source)
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
   (bin_dir / "gcloud").chmod(0o755)
+  log, tarball = tmp_path / "calls.jsonl", tmp_path / "copied.tar.gz"
+  path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
+  env = dict(os.environ, PATH=path, FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_TARBALL=str(tarball),
+             FAKE_DESCRIBE_RC=str(describe_rc), FAKE_RUN_RC=str(run_rc))
+  return source, env, log, tarball
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["create", "reuse"])
+def test_run_against_a_fake_gcloud(tmp_path, exists):
+  """Without --dry-run, against a fake gcloud: create only when describe fails, the tarball holds the files as on disk
+  (edits and untracked files in; ignored, deleted, .venv/ and runs/ out), the workdir lands in --local-dir even when
+  that exists empty, the temporary directory is removed."""
+  source, env, log, tarball = fake_cloud(tmp_path, describe_rc=0 if exists else 1)
   (tmp_path / "tmp").mkdir()
   (tmp_path / "back").mkdir()
-  log, tarball = tmp_path / "calls.jsonl", tmp_path / "copied.tar.gz"
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", TMPDIR=str(tmp_path / "tmp"),
-             FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_TARBALL=str(tarball), FAKE_DESCRIBE_RC=str(0 if exists else 1),
-             FAKE_RUN_RC="0")
+  env["TMPDIR"] = str(tmp_path / "tmp")
   proc = run_script(*required_args(config="configs/toy.py:a"), f"--source={source}", "--local-dir=back",
                     "--delete-after", cwd=str(tmp_path), env=env)
   assert proc.returncode == 0, proc.stderr
@@ -317,15 +325,7 @@ def test_run_against_a_fake_gcloud(tmp_path, exists):
 def test_failed_run_keeps_the_vm_and_prints_the_delete_command(tmp_path):
   """When the training command fails the script stops with its status, skips the copy back and the delete, and
   prints how to delete the VM."""
-  source = tmp_path / "src"
-  make_source(source)
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
-  (bin_dir / "gcloud").chmod(0o755)
-  log = tmp_path / "calls.jsonl"
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log),
-             FAKE_GCLOUD_TARBALL=str(tmp_path / "copied.tar.gz"), FAKE_DESCRIBE_RC="0", FAKE_RUN_RC="3")
+  source, env, log, _ = fake_cloud(tmp_path, describe_rc=0, run_rc=3)
   proc = run_script(*required_args(config="configs/toy.py"), f"--source={source}", "--delete-after",
                     cwd=str(tmp_path), env=env)
   assert proc.returncode == 3
@@ -337,16 +337,7 @@ def test_failed_run_keeps_the_vm_and_prints_the_delete_command(tmp_path):
 def test_a_real_run_refuses_an_unknown_variant_before_any_gcloud_command(tmp_path):
   """Before a real run the config file's get_config(variant) is built here (where the package imports): a typo in the
   variant exits 2 with the config's own message, before the slice is created."""
-  source = tmp_path / "src"
-  make_source(source)
-  bin_dir = tmp_path / "bin"
-  bin_dir.mkdir()
-  (bin_dir / "gcloud").write_text(FAKE_GCLOUD.format(python=sys.executable))
-  (bin_dir / "gcloud").chmod(0o755)
-  log = tmp_path / "calls.jsonl"
-  env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}"
-             f"{os.environ['PATH']}", FAKE_GCLOUD_LOG=str(log), FAKE_GCLOUD_TARBALL=str(tmp_path / "t.tar.gz"),
-             FAKE_DESCRIBE_RC="1", FAKE_RUN_RC="0")
+  source, env, log, _ = fake_cloud(tmp_path, describe_rc=1)
   proc = run_script(*required_args(config="configs/toy.py:b"), f"--source={source}", cwd=str(tmp_path), env=env)
   assert proc.returncode == 2 and not log.exists(), proc.stderr
   assert "--config configs/toy.py:b: ValueError: unknown variant 'b'; expected one of ['a']" in proc.stderr
