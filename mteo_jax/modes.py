@@ -169,8 +169,8 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
                       f"(start the config from modes.base_config({spec.name!r}))")
   try:
     typed = config_utils.from_dict(spec.config_class, plain, where="config")
-    distributed = parallel.distributed_choice(getattr(typed, "distributed", False))
-    cluster = getattr(typed, "cluster", parallel.ClusterConfig())
+    distributed, cluster = _distributed_settings(typed)
+    distributed = parallel.distributed_choice(distributed)
     cluster.check()
     if distributed == "false" and cluster != parallel.ClusterConfig():
       changed = config_utils.diff(config_utils.to_plain(parallel.ClusterConfig()), config_utils.to_plain(cluster))
@@ -182,6 +182,11 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
     message = error.args[0] if error.args else repr(error)
     raise ConfigError(f"invalid config for mode {spec.name!r}: {message}") from None
+
+
+def _distributed_settings(typed: Any) -> tuple[Any, parallel.ClusterConfig]:
+  """``(distributed, cluster)`` of a typed config; a mode without those keys runs on one process."""
+  return getattr(typed, "distributed", False), getattr(typed, "cluster", parallel.ClusterConfig())
 
 
 def check_workdir_path(workdir: str | os.PathLike) -> None:
@@ -247,8 +252,7 @@ def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str
   the workdir is touched."""
   spec, typed = parse(config, overridden)
   try:   # before anything touches the devices: the processes of a multi-host run meet here
-    parallel.initialize_distributed(getattr(typed, "distributed", False),
-                                    getattr(typed, "cluster", parallel.ClusterConfig()))
+    parallel.initialize_distributed(*_distributed_settings(typed))
   except ValueError as error:
     raise ConfigError(f"invalid config for mode {spec.name!r}: {error}") from None
   if spec.check is not None:
