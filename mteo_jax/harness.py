@@ -20,6 +20,7 @@ A method is an object with ``fit(harness, cell) -> Artefact`` and ``sampler(arte
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -304,6 +305,49 @@ def _real_data(teacher: Teacher, num: int):
   return real, getattr(dataset, "mixture", None)
 
 
+class PhaseTimer:
+  """Wall-clock seconds per phase of a job (``results.json["timings"]``): where the time of a run goes.
+
+  ``with timer.phase("training"): ...`` charges the time inside to that phase. Phases nest: time in an inner phase is
+  charged to the inner one only (the reference solved during a method's first fit counts as ``references``, not
+  ``training``), unless the outer phase absorbs what runs inside it (``absorb=True``: the teacher row's sampling is
+  the teacher row, not evaluation). Time in no phase is ``other`` (loading, noise, metrics set-up, bookkeeping).
+  """
+
+  def __init__(self):
+    self.started = time.perf_counter()
+    self.seconds: dict[str, float] = {}
+    self._stack: list[list[Any]] = []   # [name, charged since, absorbs]
+
+  def _charge(self, now: float) -> None:
+    if self._stack:
+      name, since, _ = self._stack[-1]
+      self.seconds[name] = self.seconds.get(name, 0.0) + now - since
+      self._stack[-1][1] = now
+
+  @contextlib.contextmanager
+  def phase(self, name: str, absorb: bool = False):
+    if self._stack and self._stack[-1][2]:   # inside an absorbing phase: charged to it
+      yield
+      return
+    self._charge(time.perf_counter())
+    self._stack.append([name, time.perf_counter(), absorb])
+    try:
+      yield
+    finally:
+      self._charge(time.perf_counter())
+      self._stack.pop()
+      if self._stack:
+        self._stack[-1][1] = time.perf_counter()
+
+  def summary(self) -> dict[str, Any]:
+    """``{"phases": {name: seconds, ..., "other": seconds}, "total_seconds": seconds}`` since the timer started."""
+    total = time.perf_counter() - self.started
+    phases = {name: round(value, 3) for name, value in self.seconds.items()}
+    phases["other"] = round(max(total - sum(self.seconds.values()), 0.0), 3)
+    return {"phases": phases, "total_seconds": round(total, 3)}
+
+
 class Harness:
   """The shared evaluation set-up on one teacher (see the module docstring).
 
@@ -316,10 +360,12 @@ class Harness:
       eval_reference_key: its ``reference.reference_key``.
     evaluate: the ``Evaluator``.
     rows: the rows scored so far; pictures: ``{row name: [grid_size, ...] samples}`` of the first NFE.
+    timer: the ``PhaseTimer`` of this job, started here; ``write_results`` stores its summary as ``timings``.
   """
 
   def __init__(self, teacher: Teacher, workdir: str | os.PathLike, config: HarnessConfig = HarnessConfig()):
     self.teacher, self.workdir, self.config = teacher, Path(workdir), config
+    self.timer = PhaseTimer()
     from mteo_jax.reference import ReferenceCache, reference_noise  # noqa: PLC0415 (diffrax is slow to import)
     self.train_seed, self.eval_seed = noise_seeds(config.seed)
     sigma_max = teacher.precond.sigma_max
@@ -338,7 +384,8 @@ class Harness:
     self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
     self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
     feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
-    self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture)
+    with self.timer.phase("evaluation"):   # the real data's feature statistics, once
+      self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture)
     self.pictures["reference"] = self.eval_reference.final[:config.grid_size]
 
   # --- cells and references ------------------------------------------------------------------------------------------
@@ -369,10 +416,11 @@ class Harness:
     from mteo_jax.reference import reference_trajectories  # noqa: PLC0415
     teacher, ref = self.teacher, self.config.reference
     key = self.reference_key(x_T, labels, noise_seed, sigmas)
-    return self.cache.get_or_compute(key, lambda: reference_trajectories(
-        teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
-        batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
-        progress=self.config.progress and parallel.is_writer()))
+    with self.timer.phase("references"):
+      return self.cache.get_or_compute(key, lambda: reference_trajectories(
+          teacher.denoiser, jnp.asarray(x_T), sigmas, solver=ref.solver, rtol=ref.rtol, atol=ref.atol,
+          batch_size=min(ref.batch_size, x_T.shape[0]), labels=None if labels is None else jnp.asarray(labels),
+          progress=self.config.progress and parallel.is_writer()))
 
   def train_data(self, cell: Cell) -> dict[str, np.ndarray]:
     """``{"x_T": [num_train, ...], "ref": [num_train, N + 1, ...], "label"?: [num_train]}``: the teacher's states
@@ -408,15 +456,21 @@ class Harness:
   def score(self, method: str, solver_name: str, nfe: int, sample: Sampler, *, train_seconds: float = 0.0,
             extra: dict | None = None) -> tuple[dict, np.ndarray]:
     """Samples the held-out noise with ``sample(x_T, label)``, scores it and appends the row."""
-    samples, seconds_per_1k = timed_samples(sample, self.config.eval_batch_size, self.x_T_eval, self.label_eval)
-    row = {"method": method, "solver": solver_name, "nfe": nfe, **self.evaluate(samples),
-           "train_seconds": train_seconds, "sample_seconds_per_1k": seconds_per_1k, **(extra or {})}
+    with self.timer.phase("evaluation"):
+      samples, seconds_per_1k = timed_samples(sample, self.config.eval_batch_size, self.x_T_eval, self.label_eval)
+      row = {"method": method, "solver": solver_name, "nfe": nfe, **self.evaluate(samples),
+             "train_seconds": train_seconds, "sample_seconds_per_1k": seconds_per_1k, **(extra or {})}
     logging.info("%-8s %-9s NFE %d: RMSE %.4f  PSNR %.2f%s", method, solver_name, nfe, row["rmse"],
                  row["psnr"] or np.inf, f"  {row['fd_name']} {row['fd']:.3f}" if "fd" in row else "")
     self.rows.append(row)
     return row, samples
 
   def teacher_row(self) -> dict:
+    """``_teacher_row`` in the ``teacher_row`` phase of the timer (its sampling included)."""
+    with self.timer.phase("teacher_row", absorb=True):
+      return self._teacher_row()
+
+  def _teacher_row(self) -> dict:
     """The teacher with many Heun steps on the EDM (rho = 7) schedule: what few-step methods approximate.
 
     The row is kept in ``WORKDIR/teacher_row.json`` with what it depends on (the held-out noise and teacher through
@@ -473,7 +527,8 @@ class Harness:
         if not getattr(method, "serves", lambda _: True)(cell):
           continue   # e.g. a PD student exists only for DDIM at its own step counts
         start = time.perf_counter()
-        artefact = method.fit(self, cell)
+        with self.timer.phase("training"):
+          artefact = method.fit(self, cell)
         seconds = artefact.train_seconds if artefact.train_seconds else 0.0
         logging.info("%s on %s: fitted (%.1f s of training; this call %.1f s)", method.name, cell.tag, seconds,
                      time.perf_counter() - start)
@@ -496,12 +551,19 @@ class Harness:
                **(extra or {}), "seed": self.config.seed,
                "noise_seeds": {"train": self.train_seed, "eval": self.eval_seed}, "rows": self.rows}
     path = self.workdir / "results.json"
+    results["timings"] = self.timer.summary()   # up to the results; the pictures' time is added below
     write_json(path, results)
-    errors = draw_pictures(self.workdir, self.pictures, self.rows,
-                           self.picture_nfe if picture_nfe is None else picture_nfe)
+    with self.timer.phase("pictures"):
+      errors = draw_pictures(self.workdir, self.pictures, self.rows,
+                             self.picture_nfe if picture_nfe is None else picture_nfe)
     if errors:
       results["picture_errors"] = errors
-      write_json(path, results)
+    results["timings"] = self.timer.summary()
+    write_json(path, results)
+    timings = results["timings"]
+    logging.info("wall time %.0f s: %s", timings["total_seconds"], ", ".join(
+        f"{name} {seconds:.0f} s ({100 * seconds / max(timings['total_seconds'], 1e-9):.0f} %)"
+        for name, seconds in timings["phases"].items()))
     return results
 
 
@@ -569,5 +631,5 @@ def draw_pictures(workdir: Path, grid_rows: dict[str, np.ndarray], rows: list[di
   return errors
 
 
-__all__ = ["noise_seeds", "ReferenceConfig", "HarnessConfig", "Cell", "Artefact", "Evaluator", "Harness",
-           "timed_samples", "draw_pictures"]
+__all__ = ["noise_seeds", "ReferenceConfig", "HarnessConfig", "Cell", "Artefact", "Evaluator", "PhaseTimer",
+           "Harness", "timed_samples", "draw_pictures"]

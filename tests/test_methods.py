@@ -87,6 +87,12 @@ def test_a_method_in_one_file_runs_on_the_harness(gmm_teacher, tmp_path):
   assert [r["method"] for r in stored["rows"]] == ["teacher", "base", "mteo", "time_shift"] == \
       [r["method"] for r in results["rows"]]
   assert stored["rows"][-1]["loss_curve"]["step"][-1] == 60
+  # Where the wall time went: every phase of the job is timed, and the phases add up to the total.
+  timings = stored["timings"]
+  assert set(timings["phases"]) == {"references", "teacher_row", "training", "evaluation", "pictures", "other"}
+  assert all(seconds >= 0 for seconds in timings["phases"].values())
+  assert timings["phases"]["training"] > 0 and timings["phases"]["references"] > 0
+  assert sum(timings["phases"].values()) == pytest.approx(timings["total_seconds"], abs=0.01)
   assert "picture_errors" not in results and (tmp_path / "rmse_bars.png").exists()   # at the first NFE by default
   assert (tmp_path / "time_shift" / "euler_nfe3" / "metrics.jsonl").exists()
   # The training noise was solved once, for all three methods: one reference file for it, one for the held-out noise.
@@ -94,6 +100,28 @@ def test_a_method_in_one_file_runs_on_the_harness(gmm_teacher, tmp_path):
   # Every picture names its method.
   assert {"samples_euler.png", "samples_euler_MTEO.png", "samples_euler_TIME_SHIFT.png"} <= \
       {p.name for p in tmp_path.iterdir()}
+
+
+def test_phase_timer_charges_nested_time_to_the_inner_phase_unless_the_outer_absorbs_it(monkeypatch):
+  """Time in a nested phase counts once, for the inner phase; an absorbing phase keeps what runs inside it; time in
+  no phase is ``other``; the phases sum to the total. (A fake clock: each reading advances one second.)"""
+  clock = iter(range(1000))
+  monkeypatch.setattr(harness.time, "perf_counter", lambda: float(next(clock)))
+  timer = harness.PhaseTimer()
+  with timer.phase("training"):
+    with timer.phase("references"):
+      pass
+  with timer.phase("teacher_row", absorb=True):
+    with timer.phase("evaluation"):
+      pass
+  with timer.phase("evaluation"):
+    pass
+  summary = timer.summary()
+  phases = summary["phases"]
+  assert set(phases) == {"training", "references", "teacher_row", "evaluation", "other"}
+  assert phases["references"] > 0 and phases["training"] > 0 and phases["teacher_row"] > 0
+  assert phases["evaluation"] == 1.0    # only the phase outside teacher_row; the one inside it was absorbed
+  assert sum(phases.values()) == summary["total_seconds"]
 
 
 def test_unknown_method_lists_the_registered_ones():

@@ -215,6 +215,9 @@ def test_mteo_mode_writes_its_artefacts(uninterrupted):
   mteo_row = results["rows"][-1]
   assert mteo_row["rmse"] < results["rows"][1]["rmse"] and mteo_row["train_seconds"] > 0
   assert mteo_row["loss_curve"]["step"][-1] == MTEO_STEPS
+  phases = results["timings"]["phases"]   # where the wall time went (harness.PhaseTimer)
+  assert {"references", "teacher_row", "training", "evaluation", "pictures", "other"} == set(phases)
+  assert phases["training"] > 0 and sum(phases.values()) == pytest.approx(results["timings"]["total_seconds"], abs=0.01)
   for name in ("samples_reference.png", "samples_euler.png", "samples_euler_MTEO.png", "rmse_bars.png",
                "experiment.json"):
     assert (workdir / name).stat().st_size > 0, name
