@@ -89,7 +89,11 @@ class HarnessConfig:
     schedule, rho: the base sigma schedule of each cell (``rho`` for ``edm`` only).
     grid_size: samples per row of the comparison picture.
     reference: the diffrax solve.
-    progress: progress bars for the reference solves.
+    progress: progress bars for the reference solves (and the FID features).
+    fid_weights: the standard FID Inception weights (``fid.WEIGHTS_FILE`` or its converted ``.npz``); "" = the
+      environment variable ``MTEO_FID_WEIGHTS`` if set, else no FID. With them, an image teacher's rows get ``fid``.
+    fid_stats: FID reference statistics, an ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid's or EDM's layout); "" =
+      those of the held-out real images, cached in ``WORKDIR/fid_reference_stats.npz``.
   """
   seed: int = 0
   num_train: int = 1024
@@ -101,6 +105,8 @@ class HarnessConfig:
   grid_size: int = 10
   reference: ReferenceConfig = ReferenceConfig()
   progress: bool = True
+  fid_weights: str = ""
+  fid_stats: str = ""
 
   def base_sigmas(self, num_steps: int, sigma_min: float, sigma_max: float) -> np.ndarray:
     """The base schedule of ``num_steps`` steps: [num_steps + 1] from ``sigma_max`` to ``sigma_min``."""
@@ -117,6 +123,14 @@ class HarnessConfig:
     if self.schedule == "edm" and not 0 < self.rho <= MAX_RHO:
       # Beyond a few hundred, sigma^(1/rho) rounds to one in float32 and the grid collapses.
       raise ValueError(f"rho must be finite, > 0 and <= {MAX_RHO:g} (EDM uses 7), got {self.rho}")
+    if self.fid_weights or self.fid_stats:   # a named file that is missing is refused here, before any work
+      from mteo_jax import fid as fid_lib  # noqa: PLC0415
+      if fid_lib.resolve_weights_path(self.fid_weights) is None:   # FileNotFoundError: which file, and where
+        raise ValueError(f"fid_stats={self.fid_stats!r} is set but no FID weights are: set fid_weights or "
+                         f"${fid_lib.WEIGHTS_ENV} to {fid_lib.WEIGHTS_FILE}")
+      if self.fid_stats and not os.path.isfile(self.fid_stats):
+        raise FileNotFoundError(f"fid_stats={self.fid_stats} does not exist (an .npz with mu [2048] and sigma "
+                                "[2048, 2048]; empty = the held-out real images' statistics)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +142,8 @@ class HarnessJob:
     teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
     solvers, nfes: the cells, every solver at every NFE.
     schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
-    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference: see ``HarnessConfig``.
+    num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference, fid_weights, fid_stats: see
+      ``HarnessConfig``.
   """
   teacher: str = ""
   solvers: tuple[str, ...] = ("ipndm", "dpmpp_2m")
@@ -141,13 +156,16 @@ class HarnessJob:
   teacher_steps: int = 50
   grid_size: int = 10
   reference: ReferenceConfig = ReferenceConfig()
+  fid_weights: str = ""
+  fid_stats: str = ""
 
   def check_harness(self, where: str) -> None:
     """The teacher exists and the harness settings and cells are valid; errors name ``where``.
 
     Raises:
       ValueError: no teacher, a bad harness setting, or a bad cell (none, repeated, or an unreachable NFE).
-      FileNotFoundError: a teacher that does not exist (``resolve_teacher`` lists the shipped ones).
+      FileNotFoundError: a teacher that does not exist (``resolve_teacher`` lists the shipped ones), or FID weights
+        or statistics named (by the config or ``$MTEO_FID_WEIGHTS``) that do not exist.
       KeyError: an unknown solver or schedule.
     """
     if not self.teacher:
@@ -157,6 +175,8 @@ class HarnessJob:
       self.harness_config(seed=0)   # num_train, num_eval, eval_batch_size, teacher_steps, grid_size, schedule, rho
     except ValueError as error:
       raise ValueError(f"{where}.{error}") from None
+    from mteo_jax import fid as fid_lib  # noqa: PLC0415
+    fid_lib.resolve_weights_path(self.fid_weights)   # $MTEO_FID_WEIGHTS too: a missing file is refused before any work
     # Every solver is registered (KeyError listing them) and reaches every NFE (ValueError naming the nearest).
     if not self.solvers or not self.nfes:
       raise ValueError(f"{where}.solvers and {where}.nfes must be non-empty, got {tuple(self.solvers)} and "
@@ -253,13 +273,15 @@ def timed_samples(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> tup
 
 
 class Evaluator:
-  """Scores samples from held-out noise against the reference: RMSE, PSNR and, where possible, a distribution metric."""
+  """Scores samples from held-out noise against the reference: RMSE, PSNR and, where possible, a distribution metric
+  (FD in a shipped feature net's space; FID with the standard weights, ``fid``: a ``fid.FIDMetric``)."""
 
-  def __init__(self, reference_final: np.ndarray, real: np.ndarray | None, feature_net=None, mixture=None):
+  def __init__(self, reference_final: np.ndarray, real: np.ndarray | None, feature_net=None, mixture=None, fid=None):
     self.reference_final = reference_final
     self.real = real
     self.feature_net = feature_net
     self.mixture = mixture
+    self.fid = fid
     self.real_stats = None
     if feature_net is not None and real is not None:
       self.real_stats = metrics.feature_stats(feature_net, real)  # once, not per evaluated method
@@ -272,6 +294,9 @@ class Evaluator:
     if self.real_stats is not None:
       row["fd"] = float(metrics.frechet_distance(*metrics.feature_stats(self.feature_net, samples), *self.real_stats))
       row["fd_name"] = metrics.frechet_metric_name(self.feature_net)
+    if self.fid is not None:
+      row["fid"] = float(self.fid(samples))
+      row["fid_reference"] = self.fid.reference
     if self.mixture is not None:
       row["sliced_wasserstein"] = float(metrics.sliced_wasserstein(samples, self.real, seed=0))
       row["log_likelihood"] = float(metrics.mixture_log_likelihood(samples, self.mixture))
@@ -288,6 +313,25 @@ def _feature_network(dataset_name: str | None):
   except FileNotFoundError as e:
     logging.warning("no feature network for %s (%s): the Fréchet distance is skipped", dataset_name, e)
     return None
+
+
+def _fid_metric(config: HarnessConfig, teacher: Teacher, real: np.ndarray | None, workdir: Path):
+  """The FID metric of the harness (``fid.FIDMetric``), or None: no weights set, not an image teacher, or no
+  reference statistics (neither ``fid_stats`` nor held-out real images)."""
+  from mteo_jax import fid as fid_lib  # noqa: PLC0415
+  weights = fid_lib.resolve_weights_path(config.fid_weights)
+  if weights is None:
+    return None
+  if len(teacher.data_shape) != 3 or teacher.data_shape[-1] not in (1, 3):
+    logging.warning("FID weights are set but the teacher's data %s are not images [H, W, 1 | 3]: no FID",
+                    tuple(teacher.data_shape))
+    return None
+  if not config.fid_stats and real is None:
+    logging.warning("FID weights are set but there are no reference statistics (fid_stats) and no held-out real "
+                    "images: no FID")
+    return None
+  return fid_lib.FIDMetric.from_settings(weights, config.fid_stats, real=real, cache_dir=workdir,
+                                         progress=config.progress and parallel.is_writer())
 
 
 def _real_data(teacher: Teacher, num: int):
@@ -385,7 +429,8 @@ class Harness:
     self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
     feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
     with self.timer.phase("evaluation"):   # the real data's feature statistics, once
-      self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture)
+      self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture,
+                                fid=_fid_metric(config, teacher, self.real, self.workdir))
     self.pictures["reference"] = self.eval_reference.final[:config.grid_size]
 
   # --- cells and references ------------------------------------------------------------------------------------------
@@ -483,7 +528,8 @@ class Harness:
         "eval_reference": self.eval_reference_key,
         "teacher_steps": steps, "num_real": 0 if self.real is None else int(len(self.real)),
         "real_sha256": None if self.real is None else hashlib.sha256(np.ascontiguousarray(self.real)).hexdigest(),
-        "feature_network": self.teacher.metadata.get("dataset") if len(self.teacher.data_shape) == 3 else None})
+        "feature_network": self.teacher.metadata.get("dataset") if len(self.teacher.data_shape) == 3 else None,
+        **({"fid": self.evaluate.fid.identity} if self.evaluate.fid is not None else {})})
     path = self.workdir / TEACHER_ROW_FILE
     if path.exists():
       try:
@@ -506,7 +552,7 @@ class Harness:
 
   def reference_row(self) -> dict | None:
     """The reference itself against the real data (only where a distribution metric exists)."""
-    if self.evaluate.real_stats is None:
+    if self.evaluate.real_stats is None and self.evaluate.fid is None:
       return None
     row = {"method": "reference", "solver": self.config.reference.solver,
            "nfe": int(np.mean(self.eval_reference.nfe)), **self.evaluate(self.eval_reference.final),
