@@ -196,12 +196,12 @@ class PDConfig(CompareConfig):
 # learned (adding a method, a solver or an NFE adds rows; the finished runs are reused).
 HARMLESS_KEYS = {
     "compare": ("methods", "solvers", "nfes", "num_eval", "eval_batch_size", "teacher_steps", "grid_size", "progress",
-                "num_select"),
-    "mteo": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_tables"),
+                "num_select", "fid_weights", "fid_stats"),
+    "mteo": ("eval_every", "log_every", "checkpoint_every", "checkpoint_seconds", "keep", "progress", "save_tables"),
     "gits": ("batch_size",),
-    "ld3": ("log_every", "checkpoint_every", "keep", "progress", "save_schedules"),
-    "indis": ("eval_every", "log_every", "checkpoint_every", "keep", "progress", "save_params"),
-    "pd": ("log_every", "checkpoint_every", "keep", "progress", "export_students"),
+    "ld3": ("log_every", "checkpoint_every", "checkpoint_seconds", "keep", "progress", "save_schedules"),
+    "indis": ("eval_every", "log_every", "checkpoint_every", "checkpoint_seconds", "keep", "progress", "save_params"),
+    "pd": ("log_every", "checkpoint_every", "checkpoint_seconds", "keep", "progress", "export_students"),
 }
 
 

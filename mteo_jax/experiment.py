@@ -54,7 +54,8 @@ class MTEOExperimentConfig:
 # Keys of the mteo section that may change between a run and its resumption: they steer what is evaluated, logged or
 # shown, not what is learned (adding a solver or an NFE adds cells; the finished ones are reused).
 HARMLESS_KEYS = ("solvers", "nfes", "num_eval", "eval_batch_size", "eval_every", "teacher_steps", "grid_size",
-                 "progress", "log_every", "checkpoint_every", "keep", "save_tables")
+                 "progress", "log_every", "checkpoint_every", "checkpoint_seconds", "keep",
+                 "save_tables", "fid_weights", "fid_stats")
 
 
 def experiment_identity(config: MTEOExperimentConfig) -> dict:

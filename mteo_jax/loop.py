@@ -67,6 +67,9 @@ class LoopConfig:
       ``min(ema_decay, (1 + t) / (10 + t))``, so the average forgets the initialisation early (TF's ``num_updates``).
     log_every: a ``metrics.jsonl`` record and a log line every this many updates.
     checkpoint_every: a checkpoint every this many updates (and always at the end).
+    checkpoint_seconds: also a checkpoint as soon as this many seconds of training have passed since the last one
+      (0 = by ``checkpoint_every`` only), so that an interrupt loses at most about this much training. Single-process
+      runs only: the processes of a multi-host run must agree on the step, so there ``checkpoint_every`` alone applies.
     keep: checkpoints kept on disk.
     progress: show a progress bar (rate and ETA).
   """
@@ -80,6 +83,7 @@ class LoopConfig:
   ema_decay: float = 0.0
   log_every: int = 100
   checkpoint_every: int = 1000
+  checkpoint_seconds: float = 30.0
   keep: int = 2
   progress: bool = True
 
@@ -93,6 +97,9 @@ class LoopConfig:
     for name in ("steps", "batch_size", "log_every", "checkpoint_every", "keep"):
       if getattr(self, name) < 1:
         raise ValueError(f"{where}.{name} must be >= 1, got {getattr(self, name)}")
+    if not (self.checkpoint_seconds >= 0 and math.isfinite(self.checkpoint_seconds)):
+      raise ValueError(f"{where}.checkpoint_seconds must be >= 0 and finite (0 = by checkpoint_every only), got "
+                       f"{self.checkpoint_seconds}")
     if self.warmup_steps < 0:
       raise ValueError(f"{where}.warmup_steps must be >= 0, got {self.warmup_steps}")
     if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -271,8 +278,8 @@ def make_step(task: Task, config: LoopConfig) -> Callable[..., tuple[TrainState,
 
 def run_identity(config: LoopConfig, task_identity: dict) -> dict:
   """What a checkpoint must match to be resumed: the task's own identity and the loop settings that change the result
-  (not ``log_every``, ``checkpoint_every``, ``keep`` or ``progress``; not ``steps`` when the learning rate is constant,
-  so that such a run can be extended)."""
+  (not ``log_every``, ``checkpoint_every``, ``checkpoint_seconds``, ``keep`` or ``progress``; not ``steps`` when the
+  learning rate is constant, so that such a run can be extended)."""
   loop = {name: getattr(config, name) for name in ("batch_size", "lr", "warmup_steps", "lr_decay", "lr_end_factor",
                                                    "grad_clip", "ema_decay", "steps")}
   if config.lr_decay == "constant":
@@ -301,6 +308,30 @@ def _lookup(tree: Any, dotted: str) -> Any:
 
 class ResumeMismatchError(ValueError):
   """The run directory holds a checkpoint of a run with other settings."""
+
+
+@dataclasses.dataclass
+class Progress:
+  """Where the latest ``fit`` of this process is (or stopped): what an interrupt message reports.
+
+  Attributes:
+    desc: the run's label (e.g. ``mteo/euler_nfe3``); run_dir: its directory.
+    step: the last update done; steps: the run's total.
+    saved_step: the step of the run's newest checkpoint on disk (None: none yet).
+  """
+  desc: str
+  run_dir: Path
+  step: int
+  steps: int
+  saved_step: int | None
+
+
+_PROGRESS: Progress | None = None
+
+
+def progress() -> Progress | None:
+  """The ``Progress`` of the latest ``fit`` called in this process (None if none ran)."""
+  return _PROGRESS
 
 
 # --- the host loop ---------------------------------------------------------------------------------------------------
@@ -358,6 +389,9 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
     ResumeMismatchError: see above. NonFiniteError: a step produced NaN or Inf (the message names the step and the
       last checkpoint on disk, which holds finite values).
 
+  Checkpoints: every ``checkpoint_every`` updates, at the end, and (single process) whenever ``checkpoint_seconds``
+  of training have passed since the last one; any step's checkpoint resumes exactly.
+
   Interrupts: whatever ends the run early (an exception, ``KeyboardInterrupt``, ``SystemExit``, and SIGTERM, turned into
   ``SystemExit`` here) first waits for the pending asynchronous save, so every checkpoint already started is on disk
   when the exception propagates and the same call resumes from it; a save that could not complete is reported
@@ -394,12 +428,15 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
     start = int(state.step)
     if start > config.steps:
       raise ValueError(f"{desc}: the checkpoint in {run_dir} is at step {start}, beyond steps={config.steps}")
+    global _PROGRESS
+    _PROGRESS = Progress(desc, run_dir, start, config.steps, latest)
+    by_time = config.checkpoint_seconds > 0 and jax.process_count() == 1
     history = _read_history(metrics_path, upto=start)
     state = parallel.replicate(state, mesh)
     frozen = None if task.frozen is None else parallel.replicate(task.frozen, mesh)
     last_good = latest
     batch_iter = iter(task.batches(start))
-    t_start = t_log = time.perf_counter()
+    t_start = t_log = t_saved = time.perf_counter()
     pending: list[tuple[int, dict]] = []
 
     def check_and_log(step: int) -> None:
@@ -435,7 +472,9 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
         pending.append((step, metrics))
         for hook in hooks:
           hook(step, state, metrics)
-        save = step % config.checkpoint_every == 0 or step == config.steps
+        _PROGRESS.step = step
+        save = step % config.checkpoint_every == 0 or step == config.steps or \
+            (by_time and time.perf_counter() - t_saved >= config.checkpoint_seconds)
         evaluate = eval_fn is not None and eval_every and (step % eval_every == 0 or step == config.steps)
         if save or evaluate or step % config.log_every == 0 or step == config.steps:
           check_and_log(step)
@@ -450,7 +489,8 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
           saved_seconds = seconds_before + time.perf_counter() - t_start
           checkpointer.save(step, jax.device_get(state), {"identity": identity, "train_seconds": saved_seconds},
                             force=True)
-          last_good = step
+          last_good = _PROGRESS.saved_step = step
+          t_saved = time.perf_counter()
         bar.update(1)
   # The time stored with the final checkpoint (the last step always saves), so that a later call on the finished run
   # returns the same value.

@@ -21,7 +21,10 @@ from __future__ import annotations
 import importlib.util
 import logging as pylogging
 import os
+import shlex
+import signal
 import sys
+from pathlib import Path
 from typing import Collection, Sequence
 
 import jax
@@ -83,6 +86,28 @@ def check_overrides(argv: Sequence[str]) -> str | None:
   return None
 
 
+def resume_command(argv: Sequence[str]) -> str:
+  """The command that resumes this run: the same arguments, without ``--config.overwrite=...`` (which would start
+  again from scratch)."""
+  args = [a for a in argv if not a.startswith("--config.overwrite")]
+  return shlex.join(["python", "-m", "mteo_jax.main", *args])
+
+
+def interrupt_message(signum: int, workdir: str | os.PathLike, argv: Sequence[str]) -> str:
+  """One line for a run ended by SIGINT or SIGTERM: where it stopped, what is saved, and the command that resumes."""
+  where = loop.progress()
+  name = signal.Signals(signum).name
+  if where is None:
+    state = "before any training; what the job finished (references solved, rows, tables) is kept"
+  else:
+    run_dir = os.path.relpath(where.run_dir) if Path(where.run_dir).is_absolute() else str(where.run_dir)
+    saved = (f"its checkpoint at step {where.saved_step} ({run_dir}) is saved" if where.saved_step is not None else
+             "no checkpoint of it yet")
+    state = (f"in {where.desc} at step {where.step} of {where.steps}: {saved}, and what the job finished before it "
+             "is kept")
+  return f"interrupted ({name}) {state} in {workdir}. Resume with: {resume_command(argv)}"
+
+
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected positional arguments: {list(argv[1:])}")
@@ -96,7 +121,15 @@ def main(argv: Sequence[str]) -> None:
       logging.set_verbosity(logging.WARNING)
     logging.info("mode %r on %d device(s): %s", _CONFIG.value.mode, jax.device_count(), jax.devices())
     logging.info("config:\n%s", _CONFIG.value)
-    modes.run_prepared(spec, typed, _WORKDIR.value)
+    from mteo_jax import checkpoints  # noqa: PLC0415 (orbax is slow to import: not before the config is checked)
+    with checkpoints.sigterm_as_exit():   # SIGTERM unwinds like Ctrl-C: pending checkpoints finish, then one line
+      modes.run_prepared(spec, typed, _WORKDIR.value)
+  except (KeyboardInterrupt, SystemExit) as error:
+    if isinstance(error, SystemExit) and error.code != 128 + signal.SIGTERM:
+      raise
+    signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
+    print(f"\n{interrupt_message(signum, _WORKDIR.value, sys.argv[1:])}", file=sys.stderr)
+    sys.exit(128 + signum)
   except modes.ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)

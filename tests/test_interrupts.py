@@ -3,6 +3,7 @@ process killed mid-write) is reported when the directory is opened next; the rer
 step and ends exactly where an uninterrupted run does. (``train.train`` on top of it: tests/test_train.py.)"""
 
 import asyncio
+import dataclasses
 import os
 import re
 import signal
@@ -140,6 +141,22 @@ def test_fit_terminated_by_sigterm_keeps_the_pending_checkpoint(tmp_path, slow_f
   assert slow_finalize.landed == [2] and contents(tmp_path / "checkpoints") == ["2"]
   slow_finalize.delay = 0
   assert_resumes_at(tmp_path, 2, uninterrupted)
+
+
+@pytest.mark.parametrize("seconds, expected", [(0.0, [STEPS]), (1e-9, list(range(1, STEPS + 1)))],
+                         ids=["by-steps-only", "every-step-by-time"])
+def test_checkpoint_seconds_saves_by_time_and_changes_nothing_learned(tmp_path, uninterrupted, seconds, expected):
+  """``checkpoint_seconds`` adds a checkpoint whenever that much training time passed since the last one (here: each
+  step), 0 turns it off (here: only the final step, as checkpoint_every is beyond the run); either way the run learns
+  the same parameters, and ``loop.progress`` reports the last step and the newest checkpoint."""
+  config = dataclasses.replace(CONFIG, checkpoint_every=1000, checkpoint_seconds=seconds, keep=STEPS)
+  result = loop.fit(Task(INIT, objective, DATA, batch_size=16, seed=0), config, tmp_path, seed=0,
+                    identity={"run": "test"}, desc="by time")
+  assert contents(tmp_path / "checkpoints") == sorted(str(step) for step in expected)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, result.state.params), uninterrupted)
+  assert loop.progress() == loop.Progress("by time", tmp_path, STEPS, STEPS, STEPS)
+  with pytest.raises(ValueError, match="train.checkpoint_seconds must be >= 0"):
+    dataclasses.replace(CONFIG, checkpoint_seconds=-1.0)
 
 
 def test_a_lost_save_is_reported_and_the_rerun_resumes_from_the_latest_complete_step(tmp_path, uninterrupted):

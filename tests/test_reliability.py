@@ -8,6 +8,7 @@ slow: ``pytest -m slow tests/test_reliability.py``."""
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,57 @@ def test_killed_mteo_run_resumes_to_the_uninterrupted_result(uninterrupted, tmp_
   table, _ = mteo.load_table(workdir / "tables" / CELL, teacher, solver_name="euler", nfe=3)
   expected_table, _ = mteo.load_table(reference_dir / "tables" / CELL, teacher, solver_name="euler", nfe=3)
   jax.tree.map(np.testing.assert_array_equal, table, expected_table)
+  assert loss_records(run_dir) == loss_records(reference_dir / "mteo" / CELL)
+
+
+def run_and_interrupt(workdir, argv, checkpoint_dir, at_step, signum, log):
+  """Starts ``argv`` (a full command) and sends ``signum`` once a checkpoint at ``at_step`` or later is on disk;
+  returns (exit code, the output)."""
+  with open(log, "w") as out:
+    proc = subprocess.Popen(argv, cwd=REPO, env=ENV, stdout=out, stderr=subprocess.STDOUT)
+    try:
+      deadline = time.monotonic() + 300
+      while not any(s >= at_step for s in saved_steps(checkpoint_dir)):
+        assert proc.poll() is None, f"ended before step {at_step}:\n{Path(log).read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint at step {at_step} within 300 s"
+        time.sleep(0.05)
+      proc.send_signal(signum)
+      proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+  return proc.returncode, Path(log).read_text()
+
+
+def test_sigterm_then_ctrl_c_end_with_one_resume_line_and_the_printed_command_finishes_the_run(uninterrupted,
+                                                                                                 tmp_path):
+  """SIGTERM, then Ctrl-C (SIGINT) in the resumed run: each ends the MTEO run with no traceback and one line saying
+  where it stopped, what is saved and the command that resumes (without ``overwrite``, which would start again);
+  that printed command resumes each time and the finished run equals an uninterrupted one."""
+  reference_dir = uninterrupted["mteo"].result()
+  workdir = tmp_path / "work"
+  shutil.copytree(reference_dir / "references", workdir / "references")   # a cache: spares the solve only
+  run_dir = workdir / "mteo" / CELL
+  argv = command(workdir, (*MTEO, "--config.overwrite=True"))
+  for signum, at_step in ((signal.SIGTERM, 20), (signal.SIGINT, 60)):
+    code, output = run_and_interrupt(workdir, argv, run_dir / "checkpoints", at_step, signum,
+                                     tmp_path / f"{signum}.log")
+    assert code == 128 + signum, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    saved = max(saved_steps(run_dir / "checkpoints"))
+    assert re.fullmatch(rf"interrupted \({signal.Signals(signum).name}\) in MTEO euler NFE 3 at step \d+ of "
+                        rf"{MTEO_STEPS}: its checkpoint at step {saved} \(.*\) is saved, and what the job finished "
+                        rf"before it is kept in .*\. Resume with: python -m mteo_jax\.main .*", last), last
+    resume = shlex.split(last.split("Resume with: ")[1])
+    assert "--config.overwrite=True" not in resume and resume[3:] == [a for a in argv[3:] if "overwrite" not in a]
+    argv = [sys.executable, *resume[1:]]
+  proc = subprocess.run(argv, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "resuming from the checkpoint at step" in proc.stderr
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  expected = json.loads((reference_dir / "results.json").read_text())["rows"]
+  np.testing.assert_allclose([r["rmse"] for r in rows], [r["rmse"] for r in expected], rtol=0, atol=1e-6)
   assert loss_records(run_dir) == loss_records(reference_dir / "mteo" / CELL)
 
 
