@@ -42,6 +42,14 @@ RUNS: dict[str, dict[str, Any]] = {
         "title": "MTEO on the shipped digits teacher, NFE 3 (README's first command)",
         "commands": ["python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=runs/digits_mteo"],
         "picture": "docs/images/digits_mteo_samples.png"},
+    "gmm_mteo_full": {
+        "title": "MTEO on the shipped GMM teacher, NFE 3, 4, 5",
+        "commands": ["python -m mteo_jax.main --config=configs/gmm.py:mteo_full --workdir=runs/gmm_full"],
+        "picture": ""},
+    "digits_mteo_dit": {
+        "title": "MTEO on the shipped DiT digits teacher, NFE 3",
+        "commands": ["python -m mteo_jax.main --config=configs/digits.py:mteo_dit --workdir=runs/digits_mteo_dit"],
+        "picture": "docs/images/digits_dit_mteo_samples.png"},
     "digits_compare": {
         "title": "Schedules and MTEO on them, digits, NFE 3, 4, 5",
         "commands": ["python -m mteo_jax.main --config=configs/digits.py:compare --workdir=runs/digits_compare",
@@ -193,7 +201,12 @@ class Run:
 def header(run_name: str, run: Run) -> list[str]:
   spec = RUNS[run_name]
   timing = run.results.get("timings")
-  wall = f" ({timing['total_seconds']:.0f} s of wall time in the harness)" if timing else ""
+  wall = ""
+  if timing:
+    total = timing["total_seconds"]
+    shares = ", ".join(f"{name.replace('_', ' ')} {100 * value / total:.0f} %"
+                       for name, value in sorted(timing["phases"].items(), key=lambda item: -item[1]))
+    wall = f" ({total:.0f} s of wall time in the harness: {shares})"
   commands = ", then ".join(f"`{c}`" for c in spec["commands"])
   return [f"### {spec['title']}", "", f"{commands}{wall}. Source: `benchmarks/results/runs/{run_name}.json`; "
           + run.teacher_line(), ""]
@@ -281,7 +294,7 @@ def picture(name: str) -> list[str]:
 
 
 SECTIONS: dict[str, Callable[[str, Run], list[str]]] = {
-    "digits_mteo": mteo_section, "digits_compare": compare_section, "fmnist_compare": compare_section,
+    "digits_mteo": mteo_section, "gmm_mteo_full": mteo_section, "digits_mteo_dit": mteo_section, "digits_compare": compare_section, "fmnist_compare": compare_section,
     "gmm_compare": compare_section, "digits_pd": pd_section, "gmm_pd": pd_section}
 
 
