@@ -226,6 +226,7 @@ def run_and_interrupt(workdir, argv, checkpoint_dir, at_step, signum, log):
   return proc.returncode, Path(log).read_text()
 
 
+@pytest.mark.slow  # three MTEO processes (~1 min of CPU on an idle machine, 7 min on a loaded one)
 def test_sigterm_then_ctrl_c_end_with_one_resume_line_and_the_printed_command_finishes_the_run(uninterrupted,
                                                                                                  tmp_path):
   """SIGTERM, then Ctrl-C (SIGINT) in the resumed run: each ends the MTEO run with no traceback and one line saying
