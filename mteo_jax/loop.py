@@ -67,9 +67,10 @@ class LoopConfig:
       ``min(ema_decay, (1 + t) / (10 + t))``, so the average forgets the initialisation early (TF's ``num_updates``).
     log_every: a ``metrics.jsonl`` record and a log line every this many updates.
     checkpoint_every: a checkpoint every this many updates (and always at the end).
-    checkpoint_seconds: also a checkpoint as soon as this many seconds of training have passed since the last one
-      (0 = by ``checkpoint_every`` only), so that an interrupt loses at most about this much training. Single-process
-      runs only: the processes of a multi-host run must agree on the step, so there ``checkpoint_every`` alone applies.
+    checkpoint_seconds: also a checkpoint as soon as this many seconds of training (compilation excluded) have
+      passed since the last one (0 = by ``checkpoint_every`` only), so that an interrupt loses at most about this
+      much training. Single-process runs only: the processes of a multi-host run must agree on the step, so there
+      ``checkpoint_every`` alone applies.
     keep: checkpoints kept on disk.
     progress: show a progress bar (rate and ETA).
   """
@@ -469,6 +470,8 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
       for step in range(start + 1, config.steps + 1):
         batch = _host_rows(next(batch_iter), config.batch_size)
         state, metrics = step_fn(state, frozen, parallel.shard_batch(batch, mesh))
+        if step == start + 1:
+          t_saved = time.perf_counter()   # the first call compiled the step: training time counts from here
         pending.append((step, metrics))
         for hook in hooks:
           hook(step, state, metrics)

@@ -178,6 +178,8 @@ def _check_option(name, result, run_dir, batch_sizes, err):
     assert steps == [3, 6, 8]
   elif name == "checkpoint_every":
     assert saved == [6, 8]  # keep=2 of 2, 4, 6, 8
+  elif name == "checkpoint_seconds":
+    assert saved == [7, 8]  # a checkpoint after every step (keep=2), not only at 4 and 8
   elif name == "keep":
     assert saved == [8]
   elif name == "progress":
@@ -187,7 +189,8 @@ def _check_option(name, result, run_dir, batch_sizes, err):
 
 
 CHANGES = {"steps": 12, "batch_size": 8, "lr": 0.01, "warmup_steps": 4, "lr_decay": "linear", "lr_end_factor": 0.5,
-           "grad_clip": 1e-3, "ema_decay": 0.9, "log_every": 3, "checkpoint_every": 2, "keep": 1, "progress": True}
+           "grad_clip": 1e-3, "ema_decay": 0.9, "log_every": 3, "checkpoint_every": 2, "checkpoint_seconds": 1e-9,
+           "keep": 1, "progress": True}
 
 
 def test_changes_cover_every_loop_option():
