@@ -51,6 +51,7 @@ import numpy as np
 import tqdm
 
 from mteo_jax import metrics, parallel
+from mteo_jax.metrics import frechet_distance, frechet_distance_from_features  # noqa: F401  (public here too)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILE}"
@@ -378,96 +379,6 @@ class InceptionFeatures:
     """``(mu [2048], sigma [2048, 2048])`` in float64 of the features of images (``metrics.gaussian_stats``: the
     unbiased covariance, as pytorch-fid's ``np.cov(rowvar=False)``). Needs N >= 2 images."""
     return metrics.gaussian_stats(self.features(images, progress=progress))
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-  """``|mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))`` in float64 (Dowson & Landau 1982; FID's distance).
-
-  The trace of the root is taken in the symmetric form ``tr((S1^(1/2) S2 S1^(1/2))^(1/2))``: ``S1 S2`` and
-  ``S1^(1/2) S2 S1^(1/2)`` share their eigenvalues (``AB`` and ``BA`` with ``A = S1^(1/2)``, ``B = S1^(1/2) S2``),
-  and the latter is symmetric positive semi-definite, so ``eigh`` gives them stably and the trace is the sum of their
-  square roots. Rank-deficient covariances (fewer samples than dimensions, as with 1000 samples of 2048 features)
-  have eigenvalues that are zeros blurred by round-off, of either sign: those below ``dim * eps`` times the largest
-  are set to zero before the square root, which would otherwise turn ``~eps`` into ``~sqrt(eps)``. The standard code
-  instead takes scipy's ``sqrtm`` of the non-symmetric product, adding ``1e-6 I`` and dropping an imaginary part when
-  it fails; both agree to ~1e-6 relative where ``sqrtm`` is accurate (a test checks it, rank-deficient case included).
-
-  Args:
-    mu1, mu2: [F] means; sigma1, sigma2: [F, F] symmetric positive semi-definite covariances (any float dtype).
-
-  Raises:
-    ValueError: mismatched shapes, non-finite values, or a covariance with a clearly negative eigenvalue (below
-      ``-1e-6`` of its largest), which is not a covariance.
-  """
-  mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-  sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-  dim = mu1.shape[0]
-  if mu1.shape != (dim,) or mu2.shape != (dim,) or sigma1.shape != (dim, dim) or sigma2.shape != (dim, dim):
-    raise ValueError(f"frechet_distance: expected mu [F] and sigma [F, F] for both, got {mu1.shape}, {sigma1.shape}, "
-                     f"{mu2.shape}, {sigma2.shape}")
-  for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
-    if not np.isfinite(value).all():
-      raise ValueError(f"frechet_distance: {name} contains NaN or infinity")
-  sigma1, sigma2 = (sigma1 + sigma1.T) / 2, (sigma2 + sigma2.T) / 2
-  eigenvalues, eigenvectors = np.linalg.eigh(sigma1)
-  _check_psd(eigenvalues, "sigma1")
-  root1 = (eigenvectors * np.sqrt(_round_off_to_zero(eigenvalues))) @ eigenvectors.T
-  middle = root1 @ sigma2 @ root1
-  middle_eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
-  _check_psd(middle_eigenvalues, "sigma2")   # negative there only if sigma2 is (on the range of sigma1)
-  trace_root = np.sum(np.sqrt(_round_off_to_zero(middle_eigenvalues)))
-  diff = mu1 - mu2
-  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_root)
-
-
-def frechet_distance_from_features(features, mu, sigma) -> float:
-  """``frechet_distance`` between the Gaussian fitted to ``features`` [N >= 2, F] (mean and unbiased covariance
-  ``S = Xc^T Xc / (N - 1)``, ``Xc`` the centred features) and ``(mu [F], sigma [F, F])``, in float64.
-
-  Where ``N - 1 < F`` (e.g. 1000 samples of 2048 features) the trace of the root is taken from the [N, N] matrix
-  ``Xc sigma Xc^T / (N - 1)``, which is symmetric positive semi-definite and has the nonzero eigenvalues of
-  ``S sigma`` (``AB`` and ``BA`` again): one N x N eigenvalue problem instead of two F x F ones (seconds rather than
-  a minute on 2 CPU cores at F = 2048). Otherwise it is ``frechet_distance(*gaussian_stats(features), mu, sigma)``.
-
-  Raises:
-    ValueError: shapes that do not match, non-finite values, or a ``sigma`` that is clearly not positive
-      semi-definite.
-  """
-  features = np.asarray(features, np.float64)
-  if features.ndim != 2 or features.shape[0] < 2:
-    raise ValueError(f"frechet_distance_from_features: expected features [N >= 2, F], got {features.shape}")
-  num, dim = features.shape
-  if num - 1 >= dim:
-    return frechet_distance(*metrics.gaussian_stats(features), mu, sigma)
-  mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
-  if mu.shape != (dim,) or sigma.shape != (dim, dim):
-    raise ValueError(f"frechet_distance_from_features: expected mu [{dim}] and sigma [{dim}, {dim}] for features "
-                     f"[N, {dim}], got {mu.shape} and {sigma.shape}")
-  for name, value in (("features", features), ("mu", mu), ("sigma", sigma)):
-    if not np.isfinite(value).all():
-      raise ValueError(f"frechet_distance_from_features: {name} contains NaN or infinity")
-  mean = features.mean(axis=0)
-  centred = features - mean
-  small = centred @ ((sigma + sigma.T) / 2) @ centred.T / (num - 1)
-  eigenvalues = np.linalg.eigvalsh((small + small.T) / 2)
-  _check_psd(eigenvalues, "sigma")
-  trace_root = np.sum(np.sqrt(_round_off_to_zero(eigenvalues)))
-  diff = mean - mu
-  return float(diff @ diff + np.sum(centred ** 2) / (num - 1) + np.trace(sigma) - 2.0 * trace_root)
-
-
-def _round_off_to_zero(eigenvalues: np.ndarray) -> np.ndarray:
-  # Eigenvalues below dim * eps * the largest are round-off of zeros (eigh's absolute error is ~eps * the largest):
-  # zero, not their square roots, which would add ~sqrt(eps) * the largest per null direction.
-  threshold = eigenvalues.shape[0] * np.finfo(np.float64).eps * max(float(np.max(eigenvalues)), 0.0)
-  return np.where(eigenvalues > threshold, eigenvalues, 0.0)
-
-
-def _check_psd(eigenvalues: np.ndarray, name: str) -> None:
-  scale = max(float(np.max(np.abs(eigenvalues))), np.finfo(np.float64).tiny)
-  if eigenvalues[0] < -1e-6 * scale:
-    raise ValueError(f"frechet_distance: {name} is not positive semi-definite (eigenvalue {eigenvalues[0]:.3g}, "
-                     f"largest {scale:.3g}); is it a covariance?")
 
 
 # --- reference statistics (the community's .npz layout) ---------------------------------------------------------------
