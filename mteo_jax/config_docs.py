@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import importlib
 import re
 import sys
+import textwrap
 import typing
 from pathlib import Path
 from typing import Any, Sequence
@@ -186,16 +188,16 @@ def markdown_table(rows: list[tuple[str, Any, str]]) -> str:
   return "\n".join(lines)
 
 
-def rerun_keys() -> tuple[list[str], list[str]]:
-  """``(keys that may change, keys that may not)`` between two runs of the main job in one workdir: those outside
-  and inside ``experiment.experiment_identity`` (``mteo.steps`` is inside unless the learning rate is constant)."""
+def rerun_keys(**mteo_settings: Any) -> list[str]:
+  """The keys that may change between two runs of the main job in one workdir: those outside
+  ``experiment.experiment_identity`` of the default config, updated with ``mteo_settings`` (its ``mteo`` section's
+  keys; the shipped GMM teacher stands in for the required ``teacher``)."""
   from mteo_jax import experiment  # noqa: PLC0415 (imports JAX)
-  config = experiment.MTEOExperimentConfig(mteo=experiment.MTEOJobConfig(teacher="pretrained:gmm"))
-  identity = experiment.experiment_identity(config)
+  job = experiment.MTEOJobConfig(**{"teacher": "pretrained:gmm", **mteo_settings})
+  identity = experiment.experiment_identity(experiment.MTEOExperimentConfig(mteo=job))
   keys = [key for key, _, _ in config_keys(experiment.MTEOExperimentConfig, skip=("mteo",))]
   keys += [key for key, _, _ in config_keys(experiment.MTEOJobConfig, prefix="mteo.")]
-  fixed = [key for key in keys if _lookup(identity, key) is not _ABSENT]
-  return [key for key in keys if key not in fixed], fixed
+  return [key for key in keys if _lookup(identity, key) is _ABSENT]
 
 
 _ABSENT = object()
@@ -215,20 +217,25 @@ def render() -> str:
   from mteo_jax.experiment import MTEOExperimentConfig, MTEOJobConfig  # noqa: PLC0415 (imports JAX)
   top = config_keys(MTEOExperimentConfig, skip=("mteo",))
   section = config_keys(MTEOJobConfig, prefix="mteo.")
-  harmless, _ = rerun_keys()
+  harmless = rerun_keys()
+  constant_only = [key for key in rerun_keys(lr_decay="constant") if key not in harmless]
+  also = ""
+  if constant_only:
+    also = f" (and {', '.join(f'`{key}`' for key in constant_only)} when `mteo.lr_decay` is `constant`)"
+  wrap = functools.partial(textwrap.fill, width=120, break_long_words=False, break_on_hyphens=False)
   return "\n".join([
       "Top-level keys (`mode` picks the job; every mode has the others):",
       "",
       markdown_table(top),
       "",
-      "The `mteo` section (`experiment.MTEOJobConfig`: the training loop's keys from `loop.LoopConfig`, MTEO's from "
-      "`methods.MTEOSettings`, the teacher, cells and evaluation from `harness.HarnessJob`):",
+      wrap("The `mteo` section (`experiment.MTEOJobConfig`: the training loop's keys from `loop.LoopConfig`, MTEO's "
+           "from `methods.MTEOSettings`, the teacher, cells and evaluation from `harness.HarnessJob`):"),
       "",
       markdown_table(section),
       "",
-      "A rerun in the same workdir may change " + ", ".join(f"`{key}`" for key in harmless) + " (and `mteo.steps` "
-      "when `mteo.lr_decay` is `constant`): they steer what is evaluated, logged or shown, or add cells, not what is "
-      "learned (`experiment.experiment_identity`). Any other change is another experiment.",
+      wrap("A rerun in the same workdir may change " + ", ".join(f"`{key}`" for key in harmless) + also + ": they "
+           "steer what is evaluated, logged or shown, or add cells, not what is learned "
+           "(`experiment.experiment_identity`). Any other change is another experiment."),
   ]) + "\n"
 
 
