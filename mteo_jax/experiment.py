@@ -26,7 +26,11 @@ from mteo_jax.teachers import Teacher
 class MTEOJobConfig(HarnessJob, MTEOSettings):
   """The ``mteo`` section: MTEO's settings (``methods.MTEOSettings``: the training loop's keys and the table's), the
   teacher, the cells and the harness's settings (``harness.HarnessJob``; here every solver MTEO is shown with by
-  default)."""
+  default).
+
+  Attributes:
+    progress: progress bars (rate and ETA) of the training and of the reference solves.
+  """
   solvers: tuple[str, ...] = ("euler", "dpmpp_2m", "unipc", "ipndm")
 
   def check(self, where: str) -> None:
@@ -42,11 +46,24 @@ class MTEOJobConfig(HarnessJob, MTEOSettings):
 
 @dataclasses.dataclass(frozen=True)
 class MTEOExperimentConfig:
-  """The whole config of the ``mteo`` mode (``modes.base_config("mteo")`` holds every key with its default)."""
+  """The whole config of the ``mteo`` mode (``modes.base_config("mteo")`` holds every key with its default).
+
+  Attributes:
+    mode: the job, ``mteo`` here (``train``, ``compare`` and ``pd`` are the other modes).
+    seed: the experiment seed: training and held-out noise come from seeds ``2 seed`` and ``2 seed + 1``
+      (``harness.noise_seeds``), and the training batches from the former.
+    overwrite: a workdir that holds another experiment is refused, naming the keys that differ, unless this is
+      True: then its results are deleted first, keeping the content-keyed ``references/`` cache
+      (``modes.claim_workdir``).
+    distributed: ``True``, ``False`` or ``auto``: call ``jax.distributed.initialize`` first, for a run over several
+      processes or hosts (``auto``: where a TPU slice, SLURM, Open MPI or a coordinator address is detected;
+      ``parallel.initialize_distributed``).
+    mteo: the section below (``MTEOJobConfig``).
+  """
   mode: str = "mteo"
   seed: int = 0
   overwrite: bool = False
-  distributed: str | bool = "false"   # True, False or auto: parallel.initialize_distributed
+  distributed: str | bool = "false"
   cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
   mteo: MTEOJobConfig = dataclasses.field(default_factory=MTEOJobConfig)
 

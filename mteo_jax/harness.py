@@ -60,7 +60,13 @@ def noise_seeds(seed: int) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ReferenceConfig:
-  """The diffrax solve of the teacher's probability-flow ODE (``reference.reference_trajectories``)."""
+  """The diffrax solve of the teacher's probability-flow ODE (``reference.reference_trajectories``).
+
+  Attributes:
+    solver: the diffrax solver, ``tsit5``, ``dopri5`` or ``dopri8``.
+    rtol, atol: the relative and absolute tolerances of its adaptive step size, per sample.
+    batch_size: samples per jitted solve (the last chunk is padded, so it compiles once).
+  """
   solver: str = "tsit5"
   rtol: float = 1e-5
   atol: float = 1e-5
@@ -140,8 +146,10 @@ class HarnessJob:
 
   Attributes:
     teacher: an exported teacher directory (a training run's ``WORKDIR/teacher``) or ``pretrained:<name>``.
-    solvers, nfes: the cells, every solver at every NFE.
-    schedule, rho: the base schedule of each cell (``rho``: EDM schedule only).
+    solvers, nfes: the cells: every solver (a name of ``solvers.SOLVERS``, e.g. ``euler``, ``dpmpp_2m``) at every
+      NFE (network evaluations per sample).
+    schedule, rho: the base sigma schedule of each cell, ``edm``, ``time_uniform`` or ``logsnr_uniform``, from the
+      teacher's ``sigma_max`` to its ``sigma_min`` (``rho``: the EDM schedule's exponent).
     num_train, num_eval, eval_batch_size, teacher_steps, grid_size, reference, fid_weights, fid_stats: see
       ``HarnessConfig``.
   """

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import ml_collections
@@ -18,6 +19,7 @@ from PIL import Image
 
 from mteo_jax import checkpoints, experiment, harness, modes, mteo, teachers, train, viz
 from mteo_jax.schedules import get_schedule
+from mteo_jax.solvers import get_solver
 from mteo_jax.teachers import Teacher
 from test_cli import FAST_COMPILE, REPO, load_config_file, run_cli
 
@@ -141,6 +143,50 @@ def test_a_harmless_change_resumes_without_retraining(gmm_job, tmp_path):
   assert (run_dir / "metrics.jsonl").read_text() == metrics
   # The training time of the reused cell is the one of its run (kept in its checkpoint), not a new measurement.
   assert after["train_seconds"] == before["train_seconds"] > 0
+
+
+def readme_code(heading: str) -> str:
+  """The first ```python block after the line ``heading`` of README.md."""
+  text = (Path(REPO) / "README.md").read_text()
+  assert text.count(f"\n{heading}\n") == 1, heading
+  after = text.split(f"\n{heading}\n")[1]
+  return after.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def run_readme_sampling(workdir) -> None:
+  """README's "Sample with a trained table" as written, on ``workdir`` (README's digits job there, a GMM job here:
+  only the workdir and the teacher are substituted); its samples are finite and use the table."""
+  code = readme_code("### Sample with a trained table")
+  assert code.count('"runs/digits_mteo/') == 1 and code.count('"pretrained:digits"') == 1
+  code = code.replace('"runs/digits_mteo/', f'"{workdir}/').replace('"pretrained:digits"', '"pretrained:gmm"')
+  scope = {}
+  exec(compile(code, "README.md", "exec"), scope)   # noqa: S102 (README's own code)
+  x0 = np.asarray(scope["x0"])
+  assert x0.shape == (16, 2) and np.isfinite(x0).all()
+  teacher, meta = scope["teacher"], scope["meta"]
+  plain = mteo.student_sample(get_solver("euler"), teacher.backbone, teacher.params, teacher.precond, None,
+                              scope["x_T"], meta["sigmas"])
+  assert not np.allclose(x0, np.asarray(plain), atol=1e-5)   # the table changed the path
+
+
+def test_readme_samples_with_a_trained_table(gmm_job):
+  """README's snippet on the table that the main job trained and saved in its workdir."""
+  workdir, _ = gmm_job
+  run_readme_sampling(workdir)
+
+
+def test_readme_sampling_snippet_on_a_saved_table(tmp_path):
+  """README's snippet against the library's API without a job (the test above is slow): a perturbed table of the
+  shipped GMM teacher saved where the main job saves its euler NFE 3 table."""
+  teacher = Teacher.load("pretrained:gmm")
+  solver = get_solver("euler")
+  sigmas = get_schedule("edm", solver.num_steps_for_nfe(3), teacher.precond.sigma_min, teacher.precond.sigma_max,
+                        rho=7.0)
+  table = mteo.init_table(teacher.backbone, teacher.params, teacher.precond, solver.eval_sigmas(sigmas), "layer")
+  table = jax.tree.map(lambda leaf: leaf * 1.5, table)
+  meta = mteo.table_metadata(teacher.identity, "euler", {}, "edm", sigmas, table, teacher.backbone.layer_names)
+  mteo.save_table(tmp_path / "tables" / "euler_nfe3", table, meta)
+  run_readme_sampling(tmp_path)
 
 
 def test_one_teacher_identity(gmm_job):

@@ -20,7 +20,11 @@ class MTEOSettings(loop.LoopConfig):
 
   Attributes:
     granularity: ``layer`` (one vector per conditioned layer and evaluation) or ``shared`` (one per evaluation).
-    distance, intermediate_weight, huber_c: the loss (``mteo.LossConfig``).
+    distance: the per-sample distance of the loss (``mteo.LossConfig``): ``l2`` (mean squared error), ``l1`` (mean
+      absolute error) or ``pseudo_huber`` (``sqrt(mse + huber_c^2) - huber_c``).
+    intermediate_weight: the weight of the mean distance at the intermediate states (the final state's is 1; 0
+      matches the final state only).
+    huber_c: ``c`` of the ``pseudo_huber`` distance (quadratic below it, linear above).
     eval_every: held-out RMSE on 256 evaluation noises every this many steps (0 = never), in ``metrics.jsonl``.
     save_tables: save each trained table to ``WORKDIR/tables/<solver>_nfe<N>`` (``mteo.load_table`` reads it).
   """
