@@ -31,7 +31,7 @@ from absl import logging
 
 from mteo_jax import config_utils, loop, parallel
 from mteo_jax import harness as harness_module
-from mteo_jax.harness import Harness, HarnessJob
+from mteo_jax.harness import Harness, HarnessJob, job_stages
 from mteo_jax.methods import (
   GITS,
   INDIS,
@@ -257,12 +257,14 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   job, workdir = config.compare, Path(workdir)
   teacher = Teacher.load(job.teacher)
   check_runnable(config, teacher)   # again for callers of this function (modes.run checks before claiming the workdir)
-  harness = Harness(teacher, workdir, job.harness_config(config.seed))
+  methods = build_methods(config)
+  harness = Harness(teacher, workdir, job.harness_config(config.seed),
+                    stages=job_stages(methods, job.solvers, job.nfes))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()
   earlier = earlier_rows(workdir)
-  harness.run(build_methods(config), cells)
+  harness.run(methods, cells)
   results = harness.write_results({"config": config_utils.to_plain(config)}, picture_nfe=job.nfes[0])
   if earlier:
     # The workdir holds one experiment (its identity is checked), so rows of earlier runs with other methods, solvers

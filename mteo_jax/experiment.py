@@ -17,7 +17,7 @@ from pathlib import Path
 import ml_collections
 
 from mteo_jax import config_utils, loop, parallel
-from mteo_jax.harness import Harness, HarnessJob
+from mteo_jax.harness import Harness, HarnessJob, job_stages
 from mteo_jax.methods import MTEO, BaseSolver, MTEOSettings
 from mteo_jax.teachers import Teacher
 
@@ -94,11 +94,13 @@ def run_mteo(config: MTEOExperimentConfig | ml_collections.ConfigDict | dict, wo
   job, workdir = config.mteo, Path(workdir)
   loop.check_batch_size(job.batch_size, parallel.make_mesh(), where="mteo")
   teacher = Teacher.load(job.teacher)
-  harness = Harness(teacher, workdir, job.harness_config(config.seed))
+  methods = [BaseSolver(), MTEO(job.method_settings())]
+  harness = Harness(teacher, workdir, job.harness_config(config.seed),
+                    stages=job_stages(methods, job.solvers, job.nfes))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()
-  harness.run([BaseSolver(), MTEO(job.method_settings())], cells)
+  harness.run(methods, cells)
   return harness.write_results({"config": config_utils.to_plain(config)}, picture_nfe=job.nfes[0])
 
 

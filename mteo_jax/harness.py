@@ -35,6 +35,7 @@ import numpy as np
 from absl import logging
 
 from mteo_jax import config_utils, metrics, parallel
+from mteo_jax.progress import JobProgress
 from mteo_jax import data as data_lib
 from mteo_jax.schedules import SCHEDULES, get_schedule
 from mteo_jax.solvers import get_solver
@@ -222,6 +223,18 @@ class Cell:
     return f"{self.solver_name}_nfe{self.nfe}"
 
 
+def job_stages(methods: Sequence[Any], solvers: Sequence[str], nfes: Sequence[int]) -> list[str]:
+  """The kinds of a harness job's stages, in order, for its progress lines (``progress.JobProgress``): the set-up
+  (held-out reference, metrics), the teacher row, then each method on each cell it serves (cells as ``Harness.cells``
+  makes them: NFE-major). Raises KeyError for an unknown solver."""
+  kinds = ["set-up", "teacher row"]
+  for nfe in nfes:
+    for name in solvers:
+      cell = Cell(name, nfe, get_solver(name), np.zeros((0,), np.float32))
+      kinds += [method.name for method in methods if getattr(method, "serves", lambda _: True)(cell)]
+  return kinds
+
+
 @dataclasses.dataclass
 class Artefact:
   """What a method's ``fit`` returns.
@@ -272,9 +285,14 @@ def batched(fn: Callable[..., jax.Array], batch_size: int, *arrays,
   return np.concatenate(outputs)
 
 
-def timed_samples(fn: Callable[..., jax.Array], batch_size: int, *arrays) -> tuple[np.ndarray, float]:
-  """``(samples, seconds per 1000 samples)``: compiled on the first chunk, then the whole pass is timed."""
-  batched(fn, batch_size, *[None if a is None else a[:batch_size] for a in arrays])
+def timed_samples(fn: Callable[..., jax.Array], batch_size: int, *arrays,
+                  warm_up: Callable[[], Any] | None = None) -> tuple[np.ndarray, float]:
+  """``(samples, seconds per 1000 samples)``: compiled first (by ``warm_up()`` where given, e.g. one denoiser call of
+  a sampler stepped on the host; else by sampling the first chunk), then the whole pass is timed."""
+  if warm_up is not None:
+    jax.block_until_ready(warm_up())
+  else:
+    batched(fn, batch_size, *[None if a is None else a[:batch_size] for a in arrays])
   start = time.perf_counter()
   samples = batched(fn, batch_size, *arrays)
   return samples, 1000.0 * (time.perf_counter() - start) / arrays[0].shape[0]
@@ -415,9 +433,13 @@ class Harness:
     timer: the ``PhaseTimer`` of this job, started here; ``write_results`` stores its summary as ``timings``.
   """
 
-  def __init__(self, teacher: Teacher, workdir: str | os.PathLike, config: HarnessConfig = HarnessConfig()):
+  def __init__(self, teacher: Teacher, workdir: str | os.PathLike, config: HarnessConfig = HarnessConfig(), *,
+               stages: Sequence[str] | None = None):
     self.teacher, self.workdir, self.config = teacher, Path(workdir), config
     self.timer = PhaseTimer()
+    self.progress = JobProgress(enabled=parallel.is_writer())
+    if stages is not None:
+      self.progress.expect(list(stages))
     from mteo_jax.reference import ReferenceCache, reference_noise  # noqa: PLC0415 (diffrax is slow to import)
     self.train_seed, self.eval_seed = noise_seeds(config.seed)
     sigma_max = teacher.precond.sigma_max
@@ -432,13 +454,15 @@ class Harness:
     self._cells: list[Cell] = []
     self._train_reference: tuple[np.ndarray, Reference] | None = None
     eval_sigmas = np.array([sigma_max, teacher.precond.sigma_min], np.float32)
-    self.eval_reference_key = self.reference_key(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
-    self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
-    self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
-    feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
-    with self.timer.phase("evaluation"):   # the real data's feature statistics, once
-      self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture,
-                                fid=_fid_metric(config, teacher, self.real, self.workdir))
+    with self.progress.stage(f"set-up: the held-out reference ({config.num_eval} noises) and the metrics",
+                             kind="set-up"):
+      self.eval_reference_key = self.reference_key(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
+      self.eval_reference = self.reference(self.x_T_eval, self.label_eval, self.eval_seed, eval_sigmas)
+      self.real, mixture = _real_data(teacher, max(config.num_eval, 1000))
+      feature_net = _feature_network(teacher.metadata.get("dataset")) if len(teacher.data_shape) == 3 else None
+      with self.timer.phase("evaluation"):   # the real data's feature statistics, once
+        self.evaluate = Evaluator(self.eval_reference.final, self.real, feature_net, mixture,
+                                  fid=_fid_metric(config, teacher, self.real, self.workdir))
     self.pictures["reference"] = self.eval_reference.final[:config.grid_size]
 
   # --- cells and references ------------------------------------------------------------------------------------------
@@ -507,10 +531,12 @@ class Harness:
   # --- rows ----------------------------------------------------------------------------------------------------------
 
   def score(self, method: str, solver_name: str, nfe: int, sample: Sampler, *, train_seconds: float = 0.0,
-            extra: dict | None = None) -> tuple[dict, np.ndarray]:
-    """Samples the held-out noise with ``sample(x_T, label)``, scores it and appends the row."""
+            extra: dict | None = None, warm_up: Callable[[], Any] | None = None) -> tuple[dict, np.ndarray]:
+    """Samples the held-out noise with ``sample(x_T, label)``, scores it and appends the row (``warm_up``: see
+    ``timed_samples``)."""
     with self.timer.phase("evaluation"):
-      samples, seconds_per_1k = timed_samples(sample, self.config.eval_batch_size, self.x_T_eval, self.label_eval)
+      samples, seconds_per_1k = timed_samples(sample, self.config.eval_batch_size, self.x_T_eval, self.label_eval,
+                                              warm_up=warm_up)
       row = {"method": method, "solver": solver_name, "nfe": nfe, **self.evaluate(samples),
              "train_seconds": train_seconds, "sample_seconds_per_1k": seconds_per_1k, **(extra or {})}
     logging.info("%-8s %-9s NFE %d: RMSE %.4f  PSNR %.2f%s", method, solver_name, nfe, row["rmse"],
@@ -520,7 +546,9 @@ class Harness:
 
   def teacher_row(self) -> dict:
     """``_teacher_row`` in the ``teacher_row`` phase of the timer (its sampling included)."""
-    with self.timer.phase("teacher_row", absorb=True):
+    steps = self.config.teacher_steps
+    with self.progress.stage(f"teacher row: Heun, {get_solver('heun').nfe(steps)} NFE on {self.config.num_eval} "
+                             "held-out noises", kind="teacher row"), self.timer.phase("teacher_row", absorb=True):
       return self._teacher_row()
 
   def _teacher_row(self) -> dict:
@@ -553,7 +581,14 @@ class Harness:
     # One compiled denoiser call per step: a whole unrolled program of ~100 evaluations takes XLA minutes to compile.
     call = jax.jit(lambda x, sigma, label: self.teacher.denoiser(x, sigma, label=label))
     sample = lambda x_T, label: heun.sample(lambda x, sigma: call(x, sigma, label), jnp.asarray(x_T), sigmas)  # noqa
-    row = self.score("teacher", "heun", heun.nfe(steps), sample)[0]
+    # Compiling needs one denoiser call on a chunk, not a whole chunk of ~100 evaluations: warm up on the first and
+    # last sigma (one Heun step, the same call, shapes and shardings as the pass).
+    ends = sigmas[np.array([0, len(sigmas) - 1])]
+    first = self.config.eval_batch_size
+    warm_up = lambda: batched(  # noqa: E731
+        lambda x_T, label: heun.sample(lambda x, sigma: call(x, sigma, label), jnp.asarray(x_T), ends), first,
+        self.x_T_eval[:first], None if self.label_eval is None else self.label_eval[:first])
+    row = self.score("teacher", "heun", heun.nfe(steps), sample, warm_up=warm_up)[0]
     self.workdir.mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": key, "row": row})
     return row
@@ -580,14 +615,17 @@ class Harness:
       for method in methods:
         if not getattr(method, "serves", lambda _: True)(cell):
           continue   # e.g. a PD student exists only for DDIM at its own step counts
-        start = time.perf_counter()
-        with self.timer.phase("training"):
-          artefact = method.fit(self, cell)
-        seconds = artefact.train_seconds if artefact.train_seconds else 0.0
-        logging.info("%s on %s: fitted (%.1f s of training; this call %.1f s)", method.name, cell.tag, seconds,
-                     time.perf_counter() - start)
-        row, samples = self.score(method.name, cell.solver_name, cell.nfe, method.sampler(artefact),
-                                  train_seconds=seconds, extra=artefact.curves)
+        label = "the plain solver" if method.name == "base" else method.name.upper()
+        with self.progress.stage(f"{label} on {cell.solver_name} NFE {cell.nfe}", kind=method.name):
+          start = time.perf_counter()
+          with self.timer.phase("training"):
+            artefact = method.fit(self, cell)
+          seconds = artefact.train_seconds if artefact.train_seconds else 0.0
+          if method.name != "base":
+            logging.info("%s on %s: fitted (%.1f s of training; this call %.1f s)", method.name, cell.tag, seconds,
+                         time.perf_counter() - start)
+          row, samples = self.score(method.name, cell.solver_name, cell.nfe, method.sampler(artefact),
+                                    train_seconds=seconds, extra=artefact.curves)
         rows.append(row)
         if cell.nfe == first_nfe:
           name = cell.solver_name if method.name == "base" else f"{cell.solver_name} + {method.name.upper()}"

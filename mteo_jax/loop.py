@@ -340,8 +340,9 @@ def progress() -> Progress | None:
 @dataclasses.dataclass
 class Result:
   """What ``fit`` returns: the final state (on the host), the ``metrics.jsonl`` records of the whole run (``history``:
-  training records ``{"step", "loss", "grad_norm", "lr", "steps_per_s"}`` and evaluation records
-  ``{"step", "eval": {...}}``) and the training wall time in seconds, restarts included (without restore time)."""
+  training records ``{"step", "loss", "grad_norm", "lr", "steps_per_s"}``, the rate leaving out the compiling first
+  step of a call (None for an interval of that step alone), and evaluation records ``{"step", "eval": {...}}``) and
+  the training wall time in seconds, restarts included (without restore time)."""
   state: TrainState
   history: list[dict]
   train_seconds: float
@@ -438,12 +439,13 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
     last_good = latest
     batch_iter = iter(task.batches(start))
     t_start = t_log = t_saved = time.perf_counter()
+    interval_from = start   # the step before the logged interval's first
     pending: list[tuple[int, dict]] = []
 
     def check_and_log(step: int) -> None:
       """Fetches the pending metrics (one device sync) and stops on a non-finite step; at a log step, appends the
       interval's record and starts a new interval."""
-      nonlocal pending, t_log
+      nonlocal pending, t_log, interval_from
       values = jax.device_get([m for _, m in pending])
       for (s, _), m in zip(pending, values):
         if not bool(m["finite"]):
@@ -453,16 +455,19 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
               f"saved. Lower lr, set grad_clip or check the data.", s, last_good)
       if step % config.log_every and step != config.steps:
         return
-      rate = len(values) / max(time.perf_counter() - t_log, 1e-9)
+      # steps since the interval began; the first step of a call (it compiles) is not in the interval's time
+      timed = step - max(interval_from, start + 1)
+      rate = timed / max(time.perf_counter() - t_log, 1e-9) if timed else None   # None: only the compiling step
       record = {"step": step, "loss": float(np.mean([m["loss"] for m in values])),
                 "grad_norm": float(np.mean([m["grad_norm"] for m in values])), "lr": float(values[-1]["lr"]),
                 "steps_per_s": rate, "num_devices": mesh.size}
       history.append(record)
       _append(metrics_path, record)
       bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
-      logging.info("%s step %d/%d  loss %.4g  grad_norm %.3g  lr %.2e  %.1f steps/s  eta %.0fs", desc, step,
-                   config.steps, record["loss"], record["grad_norm"], record["lr"], rate, (config.steps - step) / rate)
-      pending, t_log = [], time.perf_counter()
+      speed = "compiling step" if rate is None else f"{rate:.1f} steps/s  eta {(config.steps - step) / rate:.0f}s"
+      logging.info("%s step %d/%d  loss %.4g  grad_norm %.3g  lr %.2e  %s", desc, step, config.steps, record["loss"],
+                   record["grad_norm"], record["lr"], speed)
+      pending, t_log, interval_from = [], time.perf_counter(), step
 
     bar = tqdm.tqdm(total=config.steps, initial=start, desc=desc, unit="step", dynamic_ncols=True, mininterval=1.0,
                     disable=not config.progress or not parallel.is_writer())   # one bar on a multi-host run
@@ -471,7 +476,14 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
         batch = _host_rows(next(batch_iter), config.batch_size)
         state, metrics = step_fn(state, frozen, parallel.shard_batch(batch, mesh))
         if step == start + 1:
-          t_saved = time.perf_counter()   # the first call compiled the step: training time counts from here
+          # The first call compiled the step: the checkpoint clock, the logged rate and the bar's rate and ETA count
+          # from here (else the first ETA is the compile time times the steps: hours for a minute of compiling).
+          jax.block_until_ready(metrics)
+          t_saved = t_log = time.perf_counter()
+          logging.info("%s: step compiled and run once in %.1f s", desc, t_saved - t_start)
+          bar.reset(total=config.steps)
+          bar.initial = bar.n = bar.last_print_n = step
+          bar.refresh()
         pending.append((step, metrics))
         for hook in hooks:
           hook(step, state, metrics)
@@ -494,7 +506,8 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
                             force=True)
           last_good = _PROGRESS.saved_step = step
           t_saved = time.perf_counter()
-        bar.update(1)
+        if step != start + 1:
+          bar.update(1)
   # The time stored with the final checkpoint (the last step always saves), so that a later call on the finished run
   # returns the same value.
   train_seconds = seconds_before if saved_seconds is None else saved_seconds

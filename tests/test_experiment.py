@@ -4,6 +4,7 @@ outputs; resuming a workdir after a harmless change; one teacher identity; every
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -384,3 +385,20 @@ def test_bad_settings_fail_before_any_work(tmp_path, overrides, match):
     modes.run(config, tmp_path / "workdir")
   assert time.perf_counter() - start < 5.0
   assert not (tmp_path / "workdir").exists()
+
+
+def test_a_rerun_reports_each_stage_as_k_of_n_with_an_eta(gmm_job, caplog):
+  """The job's stages as "[k/n] what ...", then "[k/n] what: done in ...; job ... elapsed, ... left"; a rerun of the
+  finished job goes through the same stages (from its caches) and ends with nothing left."""
+  workdir, _ = gmm_job
+  with caplog.at_level(logging.INFO):
+    modes.run(_gmm_config(), workdir)
+  lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[")]
+  starts = [line for line in lines if line.endswith(" ...")]
+  assert [line.split(" ", 1)[0] for line in starts] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"], lines
+  assert starts[0].startswith("[1/4] set-up: the held-out reference (64 noises)")
+  assert starts[1].startswith("[2/4] teacher row: Heun, 9 NFE on 64 held-out noises")
+  assert starts[2] == "[3/4] the plain solver on euler NFE 3 ..." and starts[3] == "[4/4] MTEO on euler NFE 3 ..."
+  ends = [line for line in lines if ": done in " in line]
+  assert len(ends) == 4 and ends[-1].endswith("nothing left")
+  assert all("at least" in line for line in ends[:3]), ends   # no MTEO stage has run before the last: a lower bound

@@ -160,7 +160,7 @@ def test_the_teacher_row_is_read_back_and_sampled_again_when_its_key_changes(gmm
       np.zeros((len(sigmas), *x_T.shape), np.float32), np.full(x_T.shape[0], 99), np.asarray(sigmas)))
   sampled = []
 
-  def score(self, method, solver_name, nfe, sample):
+  def score(self, method, solver_name, nfe, sample, **kwargs):
     row = {"method": method, "solver": solver_name, "nfe": nfe, "rmse": 0.01 * (len(sampled) + 1)}
     sampled.append(row)
     self.rows.append(row)
@@ -180,3 +180,33 @@ def test_the_teacher_row_is_read_back_and_sampled_again_when_its_key_changes(gmm
   (tmp_path / harness.TEACHER_ROW_FILE).write_text("{not json")
   assert teacher_row(teacher_steps=5, seed=1)["rmse"] == 0.04
   assert json.loads((tmp_path / harness.TEACHER_ROW_FILE).read_text())["row"] == sampled[-1]
+
+
+def test_the_teacher_row_compiles_on_one_heun_step_and_samples_each_chunk_once(gmm_teacher, tmp_path, monkeypatch):
+  """The teacher row's warm-up is one Heun step on the first chunk (1 evaluation), not a whole chunk of the teacher's
+  NFE; the row is Heun from the held-out noise against the reference, as without the warm-up."""
+  from mteo_jax import metrics, solvers  # noqa: PLC0415
+  from mteo_jax.schedules import get_schedule  # noqa: PLC0415
+  heun, calls = solvers.get_solver("heun"), []
+
+  class CountingHeun:
+    def nfe(self, steps):
+      return heun.nfe(steps)
+
+    def sample(self, denoiser, x_T, sigmas, **kwargs):
+      def counted(x, sigma, *args, **kw):
+        calls.append(x.shape[0])
+        return denoiser(x, sigma, *args, **kw)
+      return heun.sample(counted, x_T, sigmas, **kwargs)
+
+  get_solver = harness.get_solver
+  monkeypatch.setattr(harness, "get_solver", lambda name: CountingHeun() if name == "heun" else get_solver(name))
+  h = harness.Harness(gmm_teacher, tmp_path, harness.HarnessConfig(num_train=8, num_eval=16, eval_batch_size=8,
+                                                                   teacher_steps=4, progress=False))
+  row = h.teacher_row()
+  assert row["nfe"] == 7 and row["n_eval"] == 16
+  assert calls == [8] * (1 + 2 * 7), calls   # the warm-up (one Heun step: its last is Euler), two chunks of 7 NFE
+  precond = gmm_teacher.precond
+  sigmas = get_schedule("edm", 4, precond.sigma_min, precond.sigma_max, rho=7.0)
+  expected = heun.sample(lambda x, sigma: gmm_teacher.denoiser(x, sigma), jnp.asarray(h.x_T_eval), sigmas)
+  assert row["rmse"] == pytest.approx(float(metrics.rmse(np.asarray(expected), h.eval_reference.final)), rel=1e-5)
