@@ -39,6 +39,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from mteo_jax import files
+
 PYTREE_FORMAT = "mteo_jax.pytree"
 PYTREE_VERSION = 1
 _ARRAYS_FILE, _TREE_FILE, _METADATA_FILE = "arrays.npz", "tree.json", "metadata.json"
@@ -311,31 +313,69 @@ class Checkpointer:
       raise FileNotFoundError(f"no checkpoint for step {step} in directory {self.directory}; saved steps: {steps}")
     return int(step)
 
+  def delete_advice(self, step: int) -> str:
+    """What to do about the unreadable checkpoint ``step``: delete its directory, and where a resumed run restarts."""
+    earlier = [s for s in self._manager.all_steps() if s < step]
+    then = (f"resume from the checkpoint at step {max(earlier)}" if earlier else
+            "train the run again from step 0")
+    return f"delete {self.directory / str(step)} to {then}"
+
+  @contextlib.contextmanager
+  def _reading(self, step: int) -> Iterator[None]:
+    """Turns an error of orbax or tensorstore while reading ``step`` (a truncated or corrupted file: pages of
+    asynchronous tracebacks) into one ``UnreadableFileError`` naming the step's directory and what to do."""
+    try:
+      yield
+    except Exception as error:  # noqa: BLE001 (JSONDecodeError, tensorstore's ValueError, OSError, KeyError, ...)
+      raise files.UnreadableFileError(
+          f"the checkpoint at step {step} in {self.directory} cannot be read ({files.reason(error)}); "
+          f"{self.delete_advice(step)}") from None
+
   def stored_leaves(self, step: int | None = None) -> dict[str, LeafSpec]:
-    """``{leaf path: (shape, dtype)}`` of the state saved at ``step`` (default: the latest), read from its metadata."""
+    """``{leaf path: (shape, dtype)}`` of the state saved at ``step`` (default: the latest), read from its metadata.
+
+    Raises:
+      FileNotFoundError: no such step. files.UnreadableFileError: its metadata cannot be read.
+    """
     step = self._resolve_step(step)
-    tree = self._manager.item_metadata(step)["state"]
-    tree = getattr(tree, "tree", tree)
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-    return {_path_name([_key_entry(k) for k in path]): (tuple(meta.shape), np.dtype(meta.dtype).name)
-            for path, meta in leaves[0]}
+    with self._reading(step):
+      tree = self._manager.item_metadata(step)["state"]
+      tree = getattr(tree, "tree", tree)
+      leaves = jax.tree_util.tree_flatten_with_path(tree,
+                                                    is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
+      return {_path_name([_key_entry(k) for k in path]): (tuple(meta.shape), np.dtype(meta.dtype).name)
+              for path, meta in leaves[0]}
 
   def restore(self, target: Any, step: int | None = None) -> Any:
     """The state saved at ``step`` (default: the latest), with the structure, shapes and dtypes of ``target``.
 
     ``target`` is a pytree like the saved state (arrays or ``jax.ShapeDtypeStruct``s); restored arrays take its
     shardings.
+
+    Raises:
+      FileNotFoundError: no such step. ValueError: a stored structure, shape or dtype other than the target's (naming
+      the first such leaf). files.UnreadableFileError: a file of the step cannot be read (truncated, corrupted); the
+      message names the step's directory and says to delete it.
     """
     step = self._resolve_step(step)
     _check_against_stored(f"checkpoint {self.directory}/{step}", target, self.stored_leaves(step))
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    with self._reading(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     return restored["state"]
 
   def metadata(self, step: int | None = None) -> dict:
-    """The metadata dict saved with ``step`` (default: the latest)."""
+    """The metadata dict saved with ``step`` (default: the latest).
+
+    Raises:
+      FileNotFoundError: no such step. files.UnreadableFileError: it cannot be read (as in ``restore``).
+    """
     step = self._resolve_step(step)
-    restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
-    return dict(restored["metadata"] or {})
+    with self._reading(step):
+      restored = self._manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))
+      metadata = restored["metadata"]
+      if metadata is not None and not isinstance(metadata, dict):
+        raise ValueError(f"its metadata is a {type(metadata).__name__}, not a dict")
+    return dict(metadata or {})
 
   def wait_until_finished(self) -> None:
     """Block until every asynchronous save has been written.
@@ -441,6 +481,8 @@ def save_pytree(path: os.PathLike | str, tree: Any, metadata: dict | None = None
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if (path / _TREE_FILE).exists():   # replaced only once read: an unreadable one is the user's to delete
+      _read_manifest(path, f"it is not replaced unread: delete {path} to write it again")
     if not _is_artefact(path):
       raise FileExistsError(f"{path} exists and is not a save_pytree artefact; refusing to replace it")
   if jax.process_index() != 0:  # artefacts are small and replicated: one writer on a multi-host run
@@ -481,16 +523,36 @@ def save_pytree(path: os.PathLike | str, tree: Any, metadata: dict | None = None
     staging.rename(path)
 
 
-def _read_manifest(path: epath.Path) -> dict:
+_LOAD_ADVICE = "delete it and rerun the job that wrote it"
+
+
+def _read_manifest(path: epath.Path, advice: str = _LOAD_ADVICE) -> dict:
+  """The artefact's ``tree.json``. Raises FileNotFoundError (no directory), ValueError (no ``tree.json``: not an
+  artefact; another version) or ``files.UnreadableFileError`` (a ``tree.json`` that cannot be read)."""
   if not path.exists():
     raise FileNotFoundError(f"no saved pytree at {path} (expected a directory with {_ARRAYS_FILE}, {_TREE_FILE} and "
                             f"{_METADATA_FILE})")
-  if not _is_artefact(path):
-    raise ValueError(f"{path} is not a save_pytree artefact (no valid {_TREE_FILE})")
-  manifest = json.loads((path / _TREE_FILE).read_text())
+  if not (path / _TREE_FILE).exists():
+    raise ValueError(f"{path} is not a save_pytree artefact (no {_TREE_FILE})")
+  manifest = _read_json(path / _TREE_FILE, advice)
+  if manifest.get("format") != PYTREE_FORMAT or not isinstance(manifest.get("leaves"), list):
+    raise files.UnreadableFileError(f"{path / _TREE_FILE} is not the manifest of a save_pytree artefact (format "
+                                    f"{manifest.get('format')!r}); {advice}")
   if manifest.get("version") != PYTREE_VERSION:
     raise ValueError(f"{path}: unsupported artefact version {manifest.get('version')}; expected {PYTREE_VERSION}")
   return manifest
+
+
+def _read_json(path: epath.Path, advice: str) -> dict:
+  """A JSON object of an artefact (local or remote); ``files.UnreadableFileError`` where it cannot be read."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, ValueError) as error:
+    raise files.UnreadableFileError(f"{path} cannot be read ({files.reason(error)}); {advice}") from None
+  if not isinstance(value, dict):
+    raise files.UnreadableFileError(f"{path} cannot be read (a JSON {type(value).__name__}, expected an object); "
+                                    f"{advice}")
+  return value
 
 
 def _stored_value(entry: dict, arrays) -> Any:
@@ -521,11 +583,19 @@ def load_pytree(path: os.PathLike | str, target: Any = None) -> Any:
   Without ``target``: nested dicts (dict keys, attributes) and lists (indices) of numpy arrays, typed PRNG keys as jax
   key arrays. With ``target``: its structure, with shapes and dtypes checked first; each leaf comes back as the
   target's leaf type (jax arrays, on the target's sharding; numpy arrays; Python numbers).
+
+  Raises:
+    FileNotFoundError: nothing at ``path``. ValueError: not an artefact, or one that does not match ``target``.
+    files.UnreadableFileError (a ValueError): a file of it that cannot be read (the message names it).
   """
   path = _local_or_remote(path)
   manifest = _read_manifest(path)
-  with np.load(io.BytesIO((path / _ARRAYS_FILE).read_bytes()), allow_pickle=False) as arrays:
-    stored = {entry["name"]: (entry, _stored_value(entry, arrays)) for entry in manifest["leaves"]}
+  try:
+    with np.load(io.BytesIO((path / _ARRAYS_FILE).read_bytes()), allow_pickle=False) as arrays:
+      stored = {entry["name"]: (entry, _stored_value(entry, arrays)) for entry in manifest["leaves"]}
+  except Exception as error:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError, ...)
+    raise files.UnreadableFileError(f"{path / _ARRAYS_FILE} cannot be read ({files.reason(error)}); "
+                                    f"{_LOAD_ADVICE}") from None
 
   def as_stored(entry: dict, value: np.ndarray) -> Any:
     if entry.get("prng_impl"):
@@ -566,7 +636,7 @@ def load_pytree(path: os.PathLike | str, target: Any = None) -> Any:
 
 
 def load_metadata(path: os.PathLike | str) -> dict:
-  """The metadata dict saved with the artefact at ``path``."""
+  """The metadata dict saved with the artefact at ``path`` (raises as ``load_pytree``)."""
   path = _local_or_remote(path)
   _read_manifest(path)
-  return json.loads((path / _METADATA_FILE).read_text())
+  return _read_json(path / _METADATA_FILE, _LOAD_ADVICE)

@@ -20,7 +20,6 @@ and spread of INDIS's per-sample schedules on the evaluation noise, and the join
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Collection
@@ -29,7 +28,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mteo_jax import config_utils, loop, parallel
+from mteo_jax import config_utils, files, loop, parallel
 from mteo_jax import harness as harness_module
 from mteo_jax.harness import Harness, HarnessJob, job_stages
 from mteo_jax.methods import (
@@ -257,13 +256,13 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   job, workdir = config.compare, Path(workdir)
   teacher = Teacher.load(job.teacher)
   check_runnable(config, teacher)   # again for callers of this function (modes.run checks before claiming the workdir)
+  earlier = earlier_rows(workdir)   # an unreadable results.json stops the run before any work
   methods = build_methods(config)
   harness = Harness(teacher, workdir, job.harness_config(config.seed),
                     stages=job_stages(methods, job.solvers, job.nfes))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()
-  earlier = earlier_rows(workdir)
   harness.run(methods, cells)
   results = harness.write_results({"config": config_utils.to_plain(config)}, picture_nfe=job.nfes[0])
   if earlier:
@@ -286,11 +285,23 @@ def row_key(row: dict) -> tuple:
 
 
 def earlier_rows(workdir: Path) -> list[dict]:
-  """The rows of the workdir's ``results.json`` from an earlier run of this experiment ([] if none or unreadable)."""
+  """The rows of the workdir's ``results.json`` from an earlier run of this experiment ([] if there is none).
+
+  Raises:
+    files.UnreadableFileError: a ``results.json`` that cannot be read: its rows are not silently dropped (this run
+      rewrites the file); the message says to delete it.
+  """
+  path = workdir / "results.json"
+  advice = ("delete it to rerun (the rows of the methods this run lists are measured again; those of other methods "
+            "come back when their config is rerun)")
   try:
-    return list(json.loads((workdir / "results.json").read_text())["rows"])
-  except (OSError, ValueError, KeyError, TypeError):
+    results = files.read_json(path, advice)
+  except FileNotFoundError:
     return []
+  rows = results.get("rows")
+  if not isinstance(rows, list) or not all(isinstance(r, dict) and {"method", "solver", "nfe"} <= set(r) for r in rows):
+    raise files.UnreadableFileError(f"{path} cannot be read (no list of rows with method, solver and nfe); {advice}")
+  return list(rows)
 
 
 def log_summary(rows: list[dict]) -> None:

@@ -49,8 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
+from absl import logging
 
-from mteo_jax import metrics, parallel
+from mteo_jax import files, metrics, parallel
 from mteo_jax.metrics import frechet_distance, frechet_distance_from_features  # noqa: F401  (public here too)
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
@@ -493,8 +494,9 @@ class FIDMetric:
         with np.load(cache, allow_pickle=False) as npz:
           if all(k in npz.files and str(npz[k]) == v for k, v in key.items()):
             return cls(network, *load_stats(cache), reference=reference)
-      except (ValueError, OSError, zipfile.BadZipFile):
-        pass   # unreadable: computed again and replaced
+      except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:   # a cache: computed again and replaced
+        logging.warning("%s cannot be read (%s): the FID reference statistics are computed again and replace it",
+                        cache, files.reason(error))
     mu, sigma = network.stats(real)
     if cache is not None and parallel.is_writer():
       cache.parent.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mteo_jax import config_utils, metrics, parallel
+from mteo_jax import config_utils, files, metrics, parallel
 from mteo_jax.progress import JobProgress
 from mteo_jax import data as data_lib
 from mteo_jax.schedules import SCHEDULES, get_schedule
@@ -558,6 +558,9 @@ class Harness:
     the reference's key, the Heun steps, the real data and feature network of the metrics); a rerun with the same
     key reads it instead of sampling again (on Fashion-MNIST, 1000 samples of ~100 evaluations take half an hour on
     two CPU cores), and any other key samples again and replaces it.
+
+    Raises:
+      files.UnreadableFileError: a ``teacher_row.json`` that cannot be read (the message says to delete it).
     """
     heun, precond, steps = get_solver("heun"), self.teacher.precond, self.config.teacher_steps
     key = config_utils.to_plain({
@@ -568,11 +571,11 @@ class Harness:
         **({"fid": self.evaluate.fid.identity} if self.evaluate.fid is not None else {})})
     path = self.workdir / TEACHER_ROW_FILE
     if path.exists():
-      try:
-        stored = json.loads(path.read_text())
-      except ValueError:
-        stored = {}
+      stored = files.read_json(path, "delete it to sample the teacher row again")
       if stored.get("key") == key:
+        if not isinstance(stored.get("row"), dict) or not isinstance(stored["row"].get("rmse"), (int, float)):
+          raise files.UnreadableFileError(f"{path} cannot be read (its key matches but it holds no row with an RMSE); "
+                                          "delete it to sample the teacher row again")
         row = stored["row"]
         logging.info("teacher row read from %s (RMSE %.4f)", path, row["rmse"])
         self.rows.append(row)

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from mteo_jax import files
 from mteo_jax.diffusion import broadcast_to_batch, coefficient_dtype
 from mteo_jax.schedules import is_concrete
 
@@ -395,8 +396,8 @@ def save_artefact(path: str | os.PathLike, arrays: Any, metadata: dict) -> Path:
   if missing:
     raise ValueError(f"artefact metadata needs {missing}")
   path = Path(path).absolute()
-  if path.exists():
-    _read_metadata(path)  # refuses to replace anything that is not a learned-schedule artefact
+  if path.exists():   # refuses to replace anything that is not a readable learned-schedule artefact
+    _read_metadata(path, f"it is not replaced unread: delete {path} (the run's checkpoints remake it)")
   flat = traverse_util.flatten_dict(jax.device_get(arrays), sep="/") if isinstance(arrays, dict) else {"": arrays}
   staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
   shutil.rmtree(staging, ignore_errors=True)
@@ -410,14 +411,17 @@ def save_artefact(path: str | os.PathLike, arrays: Any, metadata: dict) -> Path:
   return path
 
 
-def _read_metadata(path: Path) -> dict:
+def _read_metadata(path: Path, advice: str) -> dict:
+  """The artefact's metadata; ``files.UnreadableFileError`` (a ValueError) naming the file and ``advice`` where it is
+  missing, unreadable or not a learned schedule's."""
   try:
-    metadata = json.loads((path / "metadata.json").read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not a learned-schedule artefact: no readable metadata.json ({e})") from None
+    metadata = files.read_json(path / "metadata.json", advice)
+  except FileNotFoundError:
+    raise files.UnreadableFileError(f"{path} is not a learned-schedule artefact: it has no metadata.json; "
+                                    f"{advice}") from None
   if metadata.get("format") != ARTEFACT_FORMAT:
-    raise ValueError(f"{path} is not a learned-schedule artefact (format {metadata.get('format')!r}, expected "
-                     f"{ARTEFACT_FORMAT!r})")
+    raise files.UnreadableFileError(f"{path} is not a learned-schedule artefact (format {metadata.get('format')!r} in "
+                                    f"its metadata.json, expected {ARTEFACT_FORMAT!r}); {advice}")
   return metadata
 
 
@@ -430,20 +434,27 @@ def load_artefact(path: str | os.PathLike, *, method: str, teacher: Any, solver_
   Returns:
     ``(arrays, metadata)``: the pytree of numpy arrays and the metadata.
   Raises:
-    FileNotFoundError: nothing at ``path``. ValueError: not such an artefact, or one of another method, teacher,
-      solver or NFE (the message lists each difference).
+    FileNotFoundError: nothing at ``path``. ValueError: one of another method, teacher, solver or NFE (the message
+      lists each difference, ``key: saved -> expected``). files.UnreadableFileError (a ValueError): not such an
+      artefact, or a truncated or corrupted one (the message names the file and says to delete it).
   """
   path = Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"no learned schedule at {path}")
-  metadata = _read_metadata(path)
+  advice = f"delete {path} and rerun the job that wrote it"
+  metadata = _read_metadata(path, advice)
   identity = teacher if isinstance(teacher, str) else getattr(teacher, "identity", None)
   expected = {"method": method, "teacher": identity, "solver": solver_name, "nfe": nfe}
-  mismatches = [f"{key}: saved {metadata.get(key)!r}, expected {value!r}" for key, value in expected.items()
+  mismatches = [f"{key}: {metadata.get(key, '<missing>')!r} -> {value!r}" for key, value in expected.items()
                 if metadata.get(key) != value]
   if mismatches:
-    raise ValueError(f"the learned schedule at {path} belongs to another run: " + "; ".join(mismatches))
-  with np.load(path / "arrays.npz") as stored:
-    flat = {key: stored[key] for key in stored.files}
+    raise ValueError(f"the learned schedule at {path} belongs to another run: {'; '.join(mismatches)} (saved -> "
+                     "expected)")
+  try:
+    with np.load(path / "arrays.npz", allow_pickle=False) as stored:
+      flat = {key: stored[key] for key in stored.files}
+  except Exception as error:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, OSError, ValueError, ...)
+    raise files.UnreadableFileError(f"{path / 'arrays.npz'} cannot be read ({files.reason(error)}); {advice}") \
+        from None
   arrays = flat[""] if set(flat) == {""} else traverse_util.unflatten_dict(flat, sep="/")
   return arrays, metadata

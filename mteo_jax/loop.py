@@ -36,7 +36,7 @@ import optax
 import tqdm
 from absl import logging
 
-from mteo_jax import config_utils, data, parallel
+from mteo_jax import config_utils, data, files, parallel
 
 LR_DECAYS = ("constant", "cosine", "linear")
 
@@ -297,13 +297,24 @@ def describe_differences(saved: dict, current: dict) -> str:
   return "; ".join(parts)
 
 
+class _Shown(str):
+  """A value as shown in a message, printed without quotes (``<missing>``, ``{6 keys}``)."""
+
+  def __repr__(self) -> str:
+    return str(self)
+
+
 def _lookup(tree: Any, dotted: str) -> Any:
+  """The value at ``dotted``, short: ``<missing>``, a whole section as ``{N keys}`` (its keys are not compared with
+  anything on the other side), a long list cut to 80 characters."""
   for key in dotted.split("."):
     if not isinstance(tree, dict) or key not in tree:
-      return "<missing>"
+      return _Shown("<missing>")
     tree = tree[key]
-  if isinstance(tree, (list, dict)) and len(json.dumps(tree)) > 80:
-    return json.dumps(tree)[:77] + "..."
+  if isinstance(tree, dict):
+    return _Shown(f"{{{len(tree)} keys}}") if len(json.dumps(tree, default=str)) > 40 else tree
+  if isinstance(tree, list) and len(json.dumps(tree, default=str)) > 80:
+    return _Shown(json.dumps(tree, default=str)[:74] + " ...]")
   return tree
 
 
@@ -424,7 +435,12 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
             f"{run_dir} holds a checkpoint (step {latest}) of a run with other settings: "
             f"{describe_differences(saved.get('identity') or {}, identity)}. Resume with the same settings, or use "
             f"another workdir (or set overwrite=True to start again).")
-      state = checkpointer.restore(jax.eval_shape(init_fn, root), latest)
+      try:
+        state = checkpointer.restore(jax.eval_shape(init_fn, root), latest)
+      except files.UnreadableFileError:
+        raise
+      except ValueError as error:   # another structure, shape or dtype under the same identity: not this run's state
+        raise files.UnreadableFileError(f"{error}; {checkpointer.delete_advice(latest)}") from None
       seconds_before = float(saved.get("train_seconds", 0.0))
       logging.info("%s: resuming from the checkpoint at step %d in %s", desc, latest, run_dir)
     start = int(state.step)
@@ -549,21 +565,57 @@ def _append(path: Path, record: dict) -> None:
 
 def _read_history(path: Path, *, upto: int) -> list[dict]:
   """The records of ``metrics.jsonl`` up to step ``upto``; later ones (logged by a killed run after its last
-  checkpoint, and redone now) are dropped from the file too."""
+  checkpoint, and redone now) are dropped from the file too, and so is a last line cut short by the kill (with a
+  warning)."""
   if not path.exists():
     return []
-  records = read_metrics(path)
+  records, cut = _read_records(path, allow_cut=True)
   kept = [r for r in records if r["step"] <= upto]
-  if len(kept) != len(records) and jax.process_index() == 0:
+  if cut:
+    logging.warning("%s: its last line is cut short (a process killed while writing it; %r...): dropped, as the "
+                    "steps after the checkpoint at step %d are trained again", path, cut[:40], upto)
+  if (len(kept) != len(records) or cut) and jax.process_index() == 0:
     with open(path, "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in kept)
   return kept
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-  """The records of a ``metrics.jsonl`` file (or of ``DIR/metrics.jsonl`` for a directory) in order."""
+  """The records of a ``metrics.jsonl`` file (or of ``DIR/metrics.jsonl`` for a directory) in order.
+
+  Raises:
+    files.UnreadableFileError: a line that is not a JSON record with a ``step`` (the message names the file and the
+      line).
+  """
   path = Path(path)
   if path.is_dir():
     path = path / "metrics.jsonl"
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return _read_records(path, allow_cut=False)[0]
+
+
+def _read_records(path: Path, *, allow_cut: bool) -> tuple[list[dict], str]:
+  """``(records, cut)``: the records of ``path``, and (``allow_cut``) its last line where that is an unfinished write
+  (no newline at its end, not a record), else ""."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except (OSError, ValueError) as error:
+    raise files.UnreadableFileError(f"{path} cannot be read ({files.reason(error)}); delete it: training resumes from "
+                                    "the checkpoint, without the loss history before it") from None
+  records, cut = [], ""
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+        raise ValueError("not a record with a step")
+    except ValueError as error:
+      if allow_cut and number == len(lines):   # the last line, without its newline: a write cut short
+        cut = line
+        continue
+      raise files.UnreadableFileError(
+          f"{path} cannot be read (line {number}: {files.reason(error, 80)}); delete that line, or the file (training "
+          "resumes from the checkpoint, without the loss history before it)") from None
+    records.append(record)
+  return records, cut

@@ -32,7 +32,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mteo_jax import loop, modes
+from mteo_jax import files, loop, modes
 from mteo_jax.modes import MODES  # noqa: F401  (the registry of modes, re-exported)
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -130,9 +130,12 @@ def main(argv: Sequence[str]) -> None:
     signum = signal.SIGINT if isinstance(error, KeyboardInterrupt) else signal.SIGTERM
     print(f"\n{interrupt_message(signum, _WORKDIR.value, sys.argv[1:])}", file=sys.stderr)
     sys.exit(128 + signum)
-  except modes.ConfigError as error:
+  except (modes.ConfigError, loop.ResumeMismatchError) as error:   # nothing was changed: rerun with other settings
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+  except files.UnreadableFileError as error:   # the message names the file and what to do (delete it, ...)
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(1)
   except loop.NonFiniteError as error:  # the step is named and the last checkpoint on disk is good
     print(f"error: {error}", file=sys.stderr)
     sys.exit(1)

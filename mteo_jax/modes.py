@@ -28,7 +28,7 @@ from typing import Any, Callable, Collection
 import ml_collections
 from absl import logging
 
-from mteo_jax import comparison, config_utils, experiment, loop, parallel, train
+from mteo_jax import comparison, config_utils, experiment, files, loop, parallel, train
 from mteo_jax.registry import Registry
 
 EXPERIMENT_FILE = "experiment.json"
@@ -209,6 +209,12 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   workdir of the same experiment is resumed; one without results is simply claimed. A non-empty directory without
   ``experiment.json`` is refused whatever ``overwrite`` says: nothing that this library did not write is deleted.
   On a multi-host run every process checks and process 0 deletes and writes, between barriers.
+
+  Raises:
+    ConfigError: a workdir of another experiment (without ``overwrite``; only the settings that differ are named,
+      ``key: saved -> current``), a non-empty directory without ``experiment.json``, or one that cannot be created.
+    files.UnreadableFileError: an ``experiment.json`` that cannot be read (without ``overwrite``, which deletes the
+      results as for another experiment).
   """
   workdir = Path(workdir)
   check_workdir_path(workdir)
@@ -223,12 +229,16 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
   held = [p for p in workdir.iterdir() if p.name not in _SHARED_ENTRIES]
   if marker.exists() and held:
     try:
-      stored = json.loads(marker.read_text())
-    except ValueError:
-      stored = {"<unreadable experiment.json>": True}
+      stored = files.read_json(marker, "it records which experiment the workdir holds: rerun with "
+                               "--config.overwrite=True to delete the workdir's results and start again, or use "
+                               "another workdir")
+    except files.UnreadableFileError:
+      if not overwrite:
+        raise
+      stored = None
     if stored != identity:
       if not overwrite:
-        raise ConfigError(f"{workdir} holds another experiment ({loop.describe_differences(stored, identity)}); use "
+        raise ConfigError(f"{workdir} holds another experiment ({describe_experiment_change(stored, identity)}); use "
                          "another workdir, rerun with the settings it was made with, or pass --config.overwrite=True "
                          "to delete its results and start again")
       logging.warning("overwrite=True: deleting the results of another experiment in %s: %s", workdir,
@@ -244,6 +254,15 @@ def claim_workdir(workdir: str | os.PathLike, identity: dict, *, overwrite: bool
     tmp.write_text(json.dumps(identity, indent=2, sort_keys=True))
     os.replace(tmp, marker)
   parallel.barrier("claim_workdir:done")
+
+
+def describe_experiment_change(stored: dict, identity: dict) -> str:
+  """The settings at which the experiment of a workdir (``stored``) and this run's (``identity``) differ, as
+  ``key: saved -> current``; another mode is only that: the other sections of two modes do not compare."""
+  if stored.get("mode") != identity.get("mode"):
+    return f"it is a {stored.get('mode', '<unknown>')!r} experiment: mode: {stored.get('mode')!r} -> " \
+           f"{identity.get('mode')!r}"
+  return loop.describe_differences(stored, identity)
 
 
 def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str] | None = None) -> tuple[Mode, Any]:

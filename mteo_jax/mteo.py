@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mteo_jax import files
 from mteo_jax.diffusion import Preconditioning
 from mteo_jax.nets import Backbone, make_denoiser
 from mteo_jax.registry import Registry
@@ -268,7 +269,8 @@ def save_table(path: str | os.PathLike, table: Table, metadata: dict, *, overwri
   if path.exists():
     if not overwrite:
       raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
-    _read_table_metadata(path)  # refuses to delete anything that is not a table artefact
+    # Refuses to delete anything that is not a readable table artefact: the user deletes it, not this function.
+    _read_table_metadata(path, f"it is not replaced unread: delete {path} (the run's checkpoints remake it)")
   staging = path.with_name(f".{path.name}.staging-{os.getpid()}")
   shutil.rmtree(staging, ignore_errors=True)
   staging.mkdir(parents=True)
@@ -281,13 +283,16 @@ def save_table(path: str | os.PathLike, table: Table, metadata: dict, *, overwri
   staging.rename(path)
 
 
-def _read_table_metadata(path: pathlib.Path) -> dict:
+def _read_table_metadata(path: pathlib.Path, advice: str) -> dict:
+  """The metadata of the table at ``path``; ``files.UnreadableFileError`` (a ``ValueError``) naming the file and
+  ``advice`` where it is missing, unreadable or not a table's."""
   try:
-    metadata = json.loads((path / "metadata.json").read_text())
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path} is not an MTEO table: no readable metadata.json ({e})") from None
+    metadata = files.read_json(path / "metadata.json", advice)
+  except FileNotFoundError:
+    raise files.UnreadableFileError(f"{path} is not an MTEO table: it has no metadata.json; {advice}") from None
   if metadata.get("format") != TABLE_FORMAT:
-    raise ValueError(f"{path} is not an MTEO table (format {metadata.get('format')!r}, expected {TABLE_FORMAT!r})")
+    raise files.UnreadableFileError(f"{path} is not an MTEO table (format {metadata.get('format')!r} in its "
+                                    f"metadata.json, expected {TABLE_FORMAT!r}); {advice}")
   return metadata
 
 
@@ -300,8 +305,10 @@ def load_table(path: str | os.PathLike, teacher: Any, *, solver_name: str, nfe: 
     ``(table, metadata)``; sample with ``student_sample(solver, teacher.backbone, teacher.params, teacher.precond,
     table, x_T, metadata["sigmas"])``.
   Raises:
-    FileNotFoundError: nothing at ``path``. ValueError: not a table, or a table of another teacher, solver, NFE or
-    grid (the message lists what differs). TypeError: ``teacher`` is not a teacher object.
+    FileNotFoundError: nothing at ``path``. ValueError: a table of another teacher, solver, NFE or grid (the message
+    lists what differs, ``key: table -> expected``). files.UnreadableFileError (a ValueError): not a table, or a
+    truncated or corrupted one (the message names the file and says to delete it). TypeError: ``teacher`` is not a
+    teacher object.
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
   identity = getattr(teacher, "identity", None)
@@ -311,20 +318,28 @@ def load_table(path: str | os.PathLike, teacher: Any, *, solver_name: str, nfe: 
   path = pathlib.Path(path).absolute()
   if not path.exists():
     raise FileNotFoundError(f"no MTEO table at {path}")
-  metadata = _read_table_metadata(path)
+  advice = f"delete {path} and rerun the job that wrote it"
+  metadata = _read_table_metadata(path, advice)
   expected = {"teacher": identity, "solver": solver_name, "nfe": nfe}
   if solver_options is not None:
     expected["solver_options"] = dict(solver_options)
-  mismatches = [f"{key}: table has {metadata.get(key)!r}, expected {value!r}" for key, value in expected.items()
-                if metadata.get(key) != value]
+  stored_part = {key: metadata.get(key, "<missing>") for key in expected}
   if sigmas is not None:
     wanted = [float(s) for s in jnp.asarray(sigmas)]
-    if len(wanted) != len(metadata["sigmas"]) or not np.allclose(metadata["sigmas"], wanted, rtol=1e-6):
-      mismatches.append(f"sigmas: table has {metadata['sigmas']}, expected {wanted}")
-  if mismatches:
-    raise ValueError(f"the MTEO table at {path} does not belong to this run: " + "; ".join(mismatches))
-  stored = ocp.StandardCheckpointer().restore(path / "table")
-  table = {name: jnp.asarray(leaf) for name, leaf in stored.items()}
+    saved = metadata.get("sigmas")
+    expected["sigmas"] = wanted
+    stored_part["sigmas"] = (wanted if isinstance(saved, list) and len(saved) == len(wanted)
+                             and np.allclose(saved, wanted, rtol=1e-6) else saved)
+  if stored_part != expected:
+    from mteo_jax.loop import describe_differences  # noqa: PLC0415
+    raise ValueError(f"the MTEO table at {path} does not belong to this run (table -> expected): "
+                     f"{describe_differences(stored_part, expected)}")
+  try:
+    stored = ocp.StandardCheckpointer().restore(path / "table")
+    table = {name: jnp.asarray(leaf) for name, leaf in stored.items()}
+  except Exception as error:  # noqa: BLE001 (tensorstore's ValueError, JSONDecodeError, OSError, ...)
+    raise files.UnreadableFileError(f"the MTEO table {path / 'table'} cannot be read ({files.reason(error)}); "
+                                    f"{advice}") from None
   if table_nfe(table) != nfe:
     raise ValueError(f"the MTEO table at {path} has {table_nfe(table)} rows, expected {nfe}")
   return table, metadata

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from mteo_jax import files
 from mteo_jax.diffusion import Preconditioning, coefficient_dtype
 from mteo_jax.hashing import canonical_json, hash_json, hash_pytree, to_jsonable
 from mteo_jax.registry import Registry
@@ -530,8 +531,9 @@ def reference_key(teacher_hash: str, precond: Preconditioning | None, noise_seed
 
 # --- the cache --------------------------------------------------------------------------------------------------------
 
-class CacheError(RuntimeError):
-  """A cached file exists but cannot be used (corrupt, truncated, or holding another key)."""
+class CacheError(files.UnreadableFileError, RuntimeError):
+  """A cached file exists but cannot be used (corrupt, truncated, or holding another key); the message says to delete
+  it."""
 
 
 class ReferenceCache:
@@ -559,11 +561,13 @@ class ReferenceCache:
         stored_key = str(data["key"])
         reference = Reference(np.array(data["states"]), np.array(data["nfe"]), np.array(data["sigmas"]))
     except Exception as e:  # zipfile.BadZipFile, EOFError, ValueError, KeyError, OSError, ...
-      raise CacheError(f"cached reference {path} cannot be loaded ({type(e).__name__}: {e}); "
-                       f"delete it to recompute") from e
+      raise CacheError(f"cached reference {path} cannot be loaded ({files.reason(e)}); delete it to recompute") from e
     if stored_key != canonical_json(key_parts):
       raise CacheError(f"cached reference {path} holds a different key than its name says; delete it to recompute")
-    _check_reference(reference, f"cached reference {path}", CacheError)
+    try:
+      _check_reference(reference, f"cached reference {path}", CacheError)
+    except CacheError as error:
+      raise CacheError(f"{error}; delete it to recompute") from None
     return reference
 
   def save(self, key_parts: dict, reference: Reference) -> Path:

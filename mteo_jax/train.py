@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from mteo_jax import config_utils, data, loop, parallel, schedules, solvers
+from mteo_jax import config_utils, data, files, loop, parallel, schedules, solvers
 from mteo_jax.diffusion import Preconditioning, edm_training_loss
 from mteo_jax.nets import Backbone, get_backbone, make_denoiser
 from mteo_jax.nets.backbone import BACKBONES
@@ -340,6 +340,8 @@ def load_teacher(path: str | os.PathLike) -> tuple[Backbone, Params, Preconditio
   expected = jax.eval_shape(backbone.init, jax.random.key(0))
   try:
     params = checkpoints.load_pytree(path, target=expected)
+  except files.UnreadableFileError:
+    raise
   except ValueError as error:
     raise ValueError(f"the parameters in {path} do not fit the backbone its metadata describes "
                      f"({metadata['backbone']!r} with {metadata['backbone_kwargs']}): {error}") from None

@@ -72,7 +72,7 @@ def test_main_job_on_an_image_teacher(digits_teacher, tmp_path):
   assert results["teacher"]["identity"] == teacher.identity
   table, meta = mteo.load_table(tmp_path / "tables" / "dpmpp_2m_nfe3", teacher, solver_name="dpmpp_2m", nfe=3)
   assert meta["granularity"] == "layer" and mteo.table_nfe(table) == 3
-  with pytest.raises(ValueError, match="solver: table has 'dpmpp_2m', expected 'heun'"):
+  with pytest.raises(ValueError, match="solver: 'dpmpp_2m' -> 'heun'"):
     mteo.load_table(tmp_path / "tables" / "dpmpp_2m_nfe3", teacher, solver_name="heun", nfe=3)
   # (Rerunning a workdir reuses its references and finished runs: test_a_harmless_change_resumes_without_retraining.)
 
@@ -210,7 +210,7 @@ def test_one_teacher_identity(gmm_job):
             Teacher.from_model(backbone, jax.tree.map(lambda p: p * 1.001, params), precond)]        # other weights
   for other in others:
     assert other.identity != teacher.identity
-    with pytest.raises(ValueError, match=f"teacher: table has '{teacher.identity}', expected '{other.identity}'"):
+    with pytest.raises(ValueError, match=f"teacher: '{teacher.identity}' -> '{other.identity}'"):
       mteo.load_table(path, other, solver_name="euler", nfe=3)
   with pytest.raises(TypeError, match="teacher must be a teachers.Teacher"):
     mteo.load_table(path, teacher.identity, solver_name="euler", nfe=3)
@@ -236,7 +236,7 @@ def test_sampling_time_benchmark_runs(gmm_job, tmp_path):
                          "--out-dir", os.fspath(tmp_path / "trained")])
   assert set(trained["results"]) == {"euler"} and trained["setup"]["table"] == table
   assert trained["setup"]["teacher_identity"] == gmm_job[1]["teacher"]["identity"]
-  with pytest.raises(ValueError, match="solver: table has 'euler', expected 'dpmpp_2m'"):
+  with pytest.raises(ValueError, match="solver: 'euler' -> 'dpmpp_2m'"):
     module.main(["--quick", "--teacher", "pretrained:gmm", "--table", table, "--solvers", "dpmpp_2m",
                  "--out-dir", os.fspath(tmp_path / "wrong")])
 

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mteo_jax import loop, metrics, mteo
+from mteo_jax import files, loop, metrics, mteo
 from mteo_jax.diffusion import coefficient_dtype
 from mteo_jax.harness import MAX_RHO, Artefact, Cell, Harness, Sampler, batched, write_json
 from mteo_jax.methods.base import METHODS, Method
@@ -484,7 +484,10 @@ class GITS(Method):
                        f"steps; {cell.solver_name} at NFE {cell.nfe} needs {identity['num_steps']}")
     path = harness.workdir / "schedules" / f"gits_{cell.tag}.json"
     if path.exists():
-      saved = json.loads(path.read_text())
+      saved = files.read_json(path, "delete it to search again")
+      if not {"identity", "sigmas", "candidates", "chosen", "search_seconds"} <= set(saved):
+        raise files.UnreadableFileError(f"{path} cannot be read (not a GITS schedule record); delete it to search "
+                                        "again")
       if saved.get("identity") != identity:
         raise loop.ResumeMismatchError(
             f"{path} holds a GITS schedule searched with other settings: "

@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 
 from mteo_jax import learned_schedules as ls
-from mteo_jax import loop
+from mteo_jax import files, loop
 from mteo_jax.harness import Artefact, Cell, Harness, Sampler
 from mteo_jax.methods.base import METHODS, Method
 
@@ -129,14 +129,23 @@ class BestParameters:
     self.path, self.identity = Path(path), json.dumps(identity, sort_keys=True)
 
   def read(self) -> tuple[int, float, dict] | None:
-    """``(step, validation loss, parameters)`` or None (no file, or one of another run)."""
+    """``(step, validation loss, parameters)`` or None (no file, or one of another run).
+
+    Raises:
+      files.UnreadableFileError: a file that cannot be read (truncated, corrupted); the message says to delete it.
+    """
     if not self.path.exists():
       return None
-    with np.load(self.path) as stored:
-      if str(stored["identity"]) != self.identity:
-        return None
-      params = {key.removeprefix("param/"): stored[key] for key in stored.files if key.startswith("param/")}
-      return int(stored["step"]), float(stored["value"]), params
+    try:
+      with np.load(self.path, allow_pickle=False) as stored:
+        if str(stored["identity"]) != self.identity:
+          return None
+        params = {key.removeprefix("param/"): stored[key] for key in stored.files if key.startswith("param/")}
+        return int(stored["step"]), float(stored["value"]), params
+    except Exception as error:  # noqa: BLE001 (zipfile.BadZipFile, EOFError, KeyError, OSError, ValueError, ...)
+      raise files.UnreadableFileError(
+          f"{self.path} cannot be read ({files.reason(error)}); delete its run directory {self.path.parent} to train "
+          "that run again") from None
 
   def offer(self, step: int, value: float, params: dict) -> bool:
     """Keeps ``params`` if ``value`` is finite and below the best so far (a file of another run is replaced: call this

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mteo_jax import config_utils, loop, mteo, parallel
+from mteo_jax import config_utils, files, loop, mteo, parallel
 from mteo_jax import data as data_lib
 from mteo_jax.diffusion import broadcast_to_batch, sigma_to_alpha_sigma
 from mteo_jax.harness import Artefact, Cell, Harness, Sampler
@@ -415,6 +415,8 @@ def load_student(path: str | os.PathLike, *, parent: Any = None, steps: int | No
     parent = Teacher.load(parent)   # a teacher spec: pretrained:<name> or an exported teacher directory
   try:
     info = checkpoints.load_metadata(path).get("distilled")
+  except files.UnreadableFileError:   # a student whose files cannot be read: the message says to delete it
+    raise
   except (OSError, ValueError) as error:
     raise ValueError(f"{path} is not a PD student (expected {STUDENT_FORMAT}): {error}") from None
   if not isinstance(info, dict) or info.get("format") != STUDENT_FORMAT:
