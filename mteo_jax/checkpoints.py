@@ -27,6 +27,7 @@ import io
 import json
 import os
 import signal
+import sys
 import threading
 import uuid
 import warnings
@@ -201,6 +202,24 @@ def sigterm_as_exit() -> Iterator[None]:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def quiet_abandoned_reads() -> None:
+  """Drops the ``RuntimeError: Event loop is closed`` that tensorstore's reads still in flight report, one traceback
+  each, after a failed orbax restore closed its event loop (a read of an unreadable file fails the restore at once;
+  its sibling reads end later and cannot deliver their results). Only that error is dropped; every other one reaches
+  the ``sys.unraisablehook`` that was in place. Called where a read failed; installed once per process."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_mteo_quiet_abandoned_reads", False):
+    return
+
+  def hook(unraisable) -> None:
+    if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+      return
+    previous(unraisable)
+
+  hook._mteo_quiet_abandoned_reads = True
+  sys.unraisablehook = hook
+
+
 class Checkpointer:
   """The newest ``max_to_keep`` checkpoints of a run in ``directory``, saved every ``save_interval_steps`` steps.
 
@@ -327,6 +346,7 @@ class Checkpointer:
     try:
       yield
     except Exception as error:  # noqa: BLE001 (JSONDecodeError, tensorstore's ValueError, OSError, KeyError, ...)
+      quiet_abandoned_reads()
       raise files.UnreadableFileError(
           f"the checkpoint at step {step} in {self.directory} cannot be read ({files.reason(error)}); "
           f"{self.delete_advice(step)}") from None

@@ -260,8 +260,7 @@ def describe_experiment_change(stored: dict, identity: dict) -> str:
   """The settings at which the experiment of a workdir (``stored``) and this run's (``identity``) differ, as
   ``key: saved -> current``; another mode is only that: the other sections of two modes do not compare."""
   if stored.get("mode") != identity.get("mode"):
-    return f"it is a {stored.get('mode', '<unknown>')!r} experiment: mode: {stored.get('mode')!r} -> " \
-           f"{identity.get('mode')!r}"
+    return f"mode: {stored.get('mode', '<missing>')!r} -> {identity.get('mode')!r}, whose settings are not compared"
   return loop.describe_differences(stored, identity)
 
 

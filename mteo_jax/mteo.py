@@ -338,6 +338,8 @@ def load_table(path: str | os.PathLike, teacher: Any, *, solver_name: str, nfe: 
     stored = ocp.StandardCheckpointer().restore(path / "table")
     table = {name: jnp.asarray(leaf) for name, leaf in stored.items()}
   except Exception as error:  # noqa: BLE001 (tensorstore's ValueError, JSONDecodeError, OSError, ...)
+    from mteo_jax.checkpoints import quiet_abandoned_reads  # noqa: PLC0415
+    quiet_abandoned_reads()
     raise files.UnreadableFileError(f"the MTEO table {path / 'table'} cannot be read ({files.reason(error)}); "
                                     f"{advice}") from None
   if table_nfe(table) != nfe:
