@@ -5,13 +5,14 @@ same held-out noise."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mteo_jax import Teacher, harness, loop, methods, mteo
+from mteo_jax import Teacher, files, harness, loop, methods, mteo
 from mteo_jax.harness import Artefact
 from mteo_jax.methods import METHODS, Method
 
@@ -152,8 +153,9 @@ def test_the_harness_knows_the_reference_solvers_without_importing_diffrax():
 
 
 def test_the_teacher_row_is_read_back_and_sampled_again_when_its_key_changes(gmm_teacher, tmp_path, monkeypatch):
-  """A rerun in the same workdir reads the teacher row from teacher_row.json instead of sampling; other Heun steps,
-  other held-out noise or an unreadable file sample again and replace it. (The reference and the sampling are
+  """A rerun in the same workdir reads the teacher row from teacher_row.json instead of sampling; other Heun steps or
+  other held-out noise sample again and replace it; an unreadable file is an error that says to delete it, and is
+  left as it was. (The reference and the sampling are
   stubbed: this is the cache's logic; the comparison runs of README exercise the real row.)"""
   from mteo_jax.reference import Reference  # noqa: PLC0415
   monkeypatch.setattr(harness.Harness, "reference", lambda self, x_T, labels, seed, sigmas: Reference(
@@ -178,6 +180,11 @@ def test_the_teacher_row_is_read_back_and_sampled_again_when_its_key_changes(gmm
   assert teacher_row(teacher_steps=5)["rmse"] == 0.02 and len(sampled) == 2
   assert teacher_row(teacher_steps=5, seed=1)["rmse"] == 0.03 and len(sampled) == 3
   (tmp_path / harness.TEACHER_ROW_FILE).write_text("{not json")
+  with pytest.raises(files.UnreadableFileError, match=rf"^{re.escape(str(tmp_path / harness.TEACHER_ROW_FILE))} "
+                     r"cannot be read \(JSONDecodeError: .*\); delete it to sample the teacher row again$"):
+    teacher_row(teacher_steps=5, seed=1)
+  assert (tmp_path / harness.TEACHER_ROW_FILE).read_text() == "{not json" and len(sampled) == 3   # left as it was
+  (tmp_path / harness.TEACHER_ROW_FILE).unlink()
   assert teacher_row(teacher_steps=5, seed=1)["rmse"] == 0.04
   assert json.loads((tmp_path / harness.TEACHER_ROW_FILE).read_text())["row"] == sampled[-1]
 
