@@ -220,6 +220,35 @@ def quiet_abandoned_reads() -> None:
   sys.unraisablehook = hook
 
 
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+  """Within the block, SIGINT and SIGTERM (where Python handles them) are held, and the first one that arrived is
+  delivered to its handler when the block ends (``KeyboardInterrupt``; ``SystemExit`` under ``sigterm_as_exit``).
+
+  Orbax starts a save in several steps, one of them a background thread writing into a temporary directory: an
+  interrupt between them leaves that thread writing into a directory that the clean-up then removes, and its
+  traceback comes after the run's last line. Held, the interrupt comes once the save has started, and the exit waits
+  for it to land. Does nothing off the main thread.
+  """
+  if threading.current_thread() is not threading.main_thread():
+    yield
+    return
+  held: list[int] = []
+  previous = {}
+  for signum in (signal.SIGINT, signal.SIGTERM):
+    handler = signal.getsignal(signum)
+    if callable(handler):   # SIG_DFL and SIG_IGN (ints) and handlers set outside Python (None) are left alone
+      previous[signum] = handler
+      signal.signal(signum, lambda number, frame: held.append(number))
+  try:
+    yield
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+    if held:
+      previous[held[0]](held[0], None)
+
+
 class Checkpointer:
   """The newest ``max_to_keep`` checkpoints of a run in ``directory``, saved every ``save_interval_steps`` steps.
 
@@ -303,13 +332,14 @@ class Checkpointer:
     self.wait_until_finished()
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(_to_json(metadata)))
     self._pending.add(step)
-    try:
-      saved = bool(self._manager.save(step, args=args, force=force))
-    except BaseException as error:
-      self._start_errors[step] = f"its save was interrupted while starting ({type(error).__name__}: {error})"
-      raise
-    if not saved:
-      self._pending.discard(step)
+    with signals_held():   # an interrupt arriving now is raised once the save has started whole
+      try:
+        saved = bool(self._manager.save(step, args=args, force=force))
+      except BaseException as error:
+        self._start_errors[step] = f"its save was interrupted while starting ({type(error).__name__}: {error})"
+        raise
+      if not saved:
+        self._pending.discard(step)
     return saved
 
   def latest_step(self) -> int | None:

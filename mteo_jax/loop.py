@@ -337,6 +337,17 @@ class Progress:
   steps: int
   saved_step: int | None
 
+  def newest_on_disk(self) -> int | None:
+    """The newest complete checkpoint in ``run_dir/checkpoints`` (a local directory) now, or ``saved_step``: an
+    interrupt that came while a save was starting is raised once it has started, and the run waits for it to land
+    before the interrupt propagates, so after an interrupt the disk may hold a step that ``saved_step`` does not."""
+    directory = Path(self.run_dir) / "checkpoints"
+    try:
+      steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()]
+    except OSError:
+      steps = []
+    return max(steps + ([] if self.saved_step is None else [self.saved_step]), default=None)
+
 
 _PROGRESS: Progress | None = None
 

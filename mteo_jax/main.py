@@ -101,7 +101,8 @@ def interrupt_message(signum: int, workdir: str | os.PathLike, argv: Sequence[st
     state = "before any training; what the job finished (references solved, rows, tables) is kept"
   else:
     run_dir = os.path.relpath(where.run_dir) if Path(where.run_dir).is_absolute() else str(where.run_dir)
-    saved = (f"its checkpoint at step {where.saved_step} ({run_dir}) is saved" if where.saved_step is not None else
+    saved_step = where.newest_on_disk()
+    saved = (f"its checkpoint at step {saved_step} ({run_dir}) is saved" if saved_step is not None else
              "no checkpoint of it yet")
     state = (f"in {where.desc} at step {where.step} of {where.steps}: {saved}, and what the job finished before it "
              "is kept")

@@ -259,6 +259,55 @@ def test_sigterm_then_ctrl_c_end_with_one_resume_line_and_the_printed_command_fi
   assert loss_records(run_dir) == loss_records(reference_dir / "mteo" / CELL)
 
 
+def test_ctrl_c_during_mteo_training_ends_with_one_resume_line_and_the_printed_command_finishes_the_run(
+    uninterrupted, tmp_path):
+  """Ctrl-C (SIGINT) once MTEO training has started, through the real command line: exit 130, no traceback, one line
+  with the command that resumes, and that command finishes the run to the uninterrupted run's rows and losses. (The
+  slow test above sends SIGTERM and then SIGINT; this one runs in the default suite.)"""
+  reference_dir = uninterrupted["mteo"].result()
+  workdir = tmp_path / "work"
+  shutil.copytree(reference_dir / "references", workdir / "references")   # a cache: spares the solve only
+  run_dir = workdir / "mteo" / CELL
+  # grid_size only sizes the pictures (a harmless key: the experiment is the same); fewer points draw faster.
+  argv = command(workdir, (*MTEO, "--config.mteo.grid_size=16"))
+  code, output = run_and_interrupt(workdir, argv, run_dir / "checkpoints", 20, signal.SIGINT, tmp_path / "int.log")
+  assert code == 128 + signal.SIGINT, output[-3000:]
+  assert "Traceback" not in output, output[-3000:]
+  resume_lines = [line for line in output.splitlines() if "Resume with:" in line]
+  assert len(resume_lines) == 1 and resume_lines[0] == output.strip().splitlines()[-1], output[-3000:]
+  assert resume_lines[0].startswith("interrupted (SIGINT) in MTEO euler NFE 3 at step "), resume_lines[0]
+  resume = shlex.split(resume_lines[0].split("Resume with: ")[1])
+  assert resume[:3] == ["python", "-m", "mteo_jax.main"] and resume[3:] == argv[3:]
+  proc = subprocess.run([sys.executable, *resume[1:]], cwd=REPO, env=ENV, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert re.search(r"resuming from the checkpoint at step [1-9]\d*", proc.stderr), proc.stderr[-3000:]
+  rows = json.loads((workdir / "results.json").read_text())["rows"]
+  expected = json.loads((reference_dir / "results.json").read_text())["rows"]
+  assert [cell(r) for r in rows] == [cell(r) for r in expected]
+  np.testing.assert_allclose([r["rmse"] for r in rows], [r["rmse"] for r in expected], rtol=0, atol=1e-6)
+  assert loss_records(run_dir) == loss_records(reference_dir / "mteo" / CELL)
+
+
+def test_a_truncated_checkpoint_stops_the_rerun_with_one_line_naming_the_step_to_delete(uninterrupted, tmp_path):
+  """A finished teacher run whose last checkpoint lost half of its array file: the rerun exits 1 with one line naming
+  that step's directory and the step a resume restarts from, no traceback (tensorstore's included), nothing
+  deleted."""
+  workdir = tmp_path / "work"
+  shutil.copytree(uninterrupted["teacher"].result(), workdir)
+  directory = workdir / "checkpoints"
+  (data,) = (directory / str(TEACHER_STEPS) / "state" / "d").iterdir()
+  data.write_bytes(data.read_bytes()[:data.stat().st_size // 2])
+  before = sorted((str(p), p.stat().st_size) for p in workdir.rglob("*"))
+  proc = cli(workdir, *TEACHER)
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  last = proc.stderr.strip().splitlines()[-1]
+  assert re.fullmatch(rf"error: the checkpoint at step {TEACHER_STEPS} in {re.escape(str(directory))} cannot be read "
+                      rf"\(ValueError: .+\); delete {re.escape(str(directory / str(TEACHER_STEPS)))} to resume from "
+                      rf"the checkpoint at step {TEACHER_STEPS - 20}", last), last
+  assert sorted((str(p), p.stat().st_size) for p in workdir.rglob("*")) == before
+
+
 def test_mteo_mode_writes_its_artefacts(uninterrupted):
   """The mteo mode exits 0 and writes results.json, its pictures, the table, checkpoints and metrics."""
   workdir = uninterrupted["mteo"].result()
