@@ -1,9 +1,11 @@
 """Reliability of the training loop through the real command line (issue item 6): a run killed with SIGKILL and started
 again with the same command ends exactly where an uninterrupted run does (teacher and MTEO); an absurd learning rate
 stops the run naming the step, with no checkpoint of it or after it; a workdir of another experiment is refused unless
-``--config.overwrite=True``, and a directory this library did not write is never deleted; the ``mteo`` mode runs and
-writes its artefacts. (The ``train`` mode's tiny configs run in tests/test_cli.py.) The MTEO SIGKILL test is marked
-slow: ``pytest -m slow tests/test_reliability.py``."""
+``--config.overwrite=True``, and a directory this library did not write is never deleted; Ctrl-C during MTEO training
+ends with one line whose command finishes the run as if uninterrupted; a truncated checkpoint stops the rerun with one
+line naming the step to delete; the ``mteo`` mode runs and writes its artefacts. (The ``train`` mode's tiny configs run
+in tests/test_cli.py; unreadable files of every kind: tests/test_corruption.py.) The MTEO SIGKILL test and the
+SIGTERM-then-Ctrl-C one are marked slow: ``pytest -m slow tests/test_reliability.py``."""
 
 import json
 import os
