@@ -525,6 +525,10 @@ def save_pytree(path: os.PathLike | str, tree: Any, metadata: dict | None = None
 
   An existing ``path`` is an error unless ``overwrite``; even then only a previous artefact is replaced, never some
   other directory, and the new one is complete before the old one is removed. Only process 0 writes.
+
+  Raises:
+    FileExistsError: ``path`` exists (without ``overwrite``, or it is not an artefact). files.UnreadableFileError:
+      ``path`` is an artefact whose ``tree.json`` cannot be read (it is left as it is; the message says to delete it).
   """
   path = _local_or_remote(path)
   metadata = _to_json(metadata)

@@ -390,7 +390,8 @@ def save_artefact(path: str | os.PathLike, arrays: Any, metadata: dict) -> Path:
   holds such an artefact.
 
   Returns:
-    The absolute path. Raises: ValueError: metadata without those keys, or ``path`` holds something else.
+    The absolute path. Raises: ValueError: metadata without those keys. files.UnreadableFileError (a ValueError):
+    ``path`` holds something other than a readable learned-schedule artefact (left as it is).
   """
   missing = [key for key in ("method", "teacher", "solver", "nfe") if key not in metadata]
   if missing:

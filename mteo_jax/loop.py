@@ -411,7 +411,8 @@ def fit(task: Task, config: LoopConfig, run_dir: str | os.PathLike, *, seed: int
   Raises:
     ValueError: ``batch_size`` not divisible by the device or process count, or a checkpoint beyond ``steps``.
     ResumeMismatchError: see above. NonFiniteError: a step produced NaN or Inf (the message names the step and the
-      last checkpoint on disk, which holds finite values).
+      last checkpoint on disk, which holds finite values). files.UnreadableFileError: the checkpoint to resume from,
+      or ``metrics.jsonl``, cannot be read (truncated, corrupted); the message names it and what to delete.
 
   Checkpoints: every ``checkpoint_every`` updates, at the end, and (single process) whenever ``checkpoint_seconds``
   of training have passed since the last one; any step's checkpoint resumes exactly.

@@ -261,6 +261,11 @@ def save_table(path: str | os.PathLike, table: Table, metadata: dict, *, overwri
 
   Written to a staging directory and renamed into place, so an interrupted save leaves nothing half-written; an
   existing artefact is never replaced unless ``overwrite``, and then only if it is an MTEO table.
+
+  Raises:
+    ValueError: ``metadata`` not made by ``table_metadata``. FileExistsError: ``path`` exists and not ``overwrite``.
+    files.UnreadableFileError: ``path`` exists and its ``metadata.json`` is missing, unreadable or not a table's (it
+      is left as it is; the message says to delete it).
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415 (slow to import; only the artefact needs it)
   if metadata.get("format") != TABLE_FORMAT:

@@ -474,7 +474,8 @@ class GITS(Method):
 
     Raises:
       loop.ResumeMismatchError: the schedule file exists with another identity (teacher, solver, NFE, settings,
-        noise); it is neither reused nor overwritten.
+        noise); it is neither reused nor overwritten. files.UnreadableFileError: the schedule file cannot be read
+        (the message says to delete it).
       ValueError: a fine grid with fewer than N + 1 points.
     """
     settings, teacher = self.settings, harness.teacher
