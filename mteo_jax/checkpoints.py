@@ -225,10 +225,11 @@ def signals_held() -> Iterator[None]:
   """Within the block, SIGINT and SIGTERM (where Python handles them) are held, and the first one that arrived is
   delivered to its handler when the block ends (``KeyboardInterrupt``; ``SystemExit`` under ``sigterm_as_exit``).
 
-  Orbax starts a save in several steps, one of them a background thread writing into a temporary directory: an
-  interrupt between them leaves that thread writing into a directory that the clean-up then removes, and its
-  traceback comes after the run's last line. Held, the interrupt comes once the save has started, and the exit waits
-  for it to land. Does nothing off the main thread.
+  ``Checkpointer.save`` holds them while it waits for the previous save and starts its own. Orbax starts a save in
+  several steps, one of them a background thread writing into a temporary directory: an interrupt between them leaves
+  that thread writing into a directory that the clean-up then removes, and one in orbax's wait logs the interrupt's
+  traceback; either comes after the run's last line. Held, the interrupt comes once the save has started, and the
+  exit waits for it to land. Does nothing off the main thread.
   """
   if threading.current_thread() is not threading.main_thread():
     yield
@@ -313,7 +314,8 @@ class Checkpointer:
     latest saved one is an error (a run writing into another run's directory), so nothing is silently replaced.
     The save goes on in the background after this returns; ``close`` waits for it. A save that is interrupted while
     starting (an exception or ``KeyboardInterrupt`` inside this call) is checked by ``close`` like any other: it
-    landed, or it is reported lost and its temporary directory removed.
+    landed, or it is reported lost and its temporary directory removed. SIGINT and SIGTERM are held while the previous
+    save is waited for and this one starts (``signals_held``), and raised once it has started.
     """
     if not isinstance(step, (int, np.integer)) or isinstance(step, bool) or step < 0:
       raise ValueError(f"step must be a non-negative integer, got {step!r}")
@@ -328,11 +330,14 @@ class Checkpointer:
       return False
     if not force and not self._manager.should_save(step):
       return False
-    # Orbax waits for the previous save before starting the next; waiting here first reports its failure as its own.
-    self.wait_until_finished()
-    args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(_to_json(metadata)))
-    self._pending.add(step)
-    with signals_held():   # an interrupt arriving now is raised once the save has started whole
+    # An interrupt that arrives from here on is raised once this save has started whole: in orbax's wait for the
+    # previous save or in its start, it would leave that save unfinished, or a thread writing this one into a
+    # directory that the clean-up removes (a traceback after the run's last line either way).
+    with signals_held():
+      # Orbax waits for the previous save before starting the next; waiting here first reports its failure as its own.
+      self.wait_until_finished()
+      args = ocp.args.Composite(state=ocp.args.StandardSave(state), metadata=ocp.args.JsonSave(_to_json(metadata)))
+      self._pending.add(step)
       try:
         saved = bool(self._manager.save(step, args=args, force=force))
       except BaseException as error:

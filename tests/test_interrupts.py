@@ -208,24 +208,28 @@ def test_a_process_killed_mid_save_is_reported_when_the_directory_is_opened(tmp_
     np.testing.assert_array_equal(ckpt.restore({"w": np.zeros(3)})["w"], np.full(3, 2.0))
 
 
-def test_ctrl_c_while_a_save_starts_is_raised_once_the_save_has_started_and_it_lands(tmp_path):
-  """SIGINT in the middle of orbax starting a save (its background write among the steps) is held until the save
-  has started; the interrupt then propagates and the save lands, with no lost-checkpoint report (before, the
-  interrupt cut the start short and the clean-up removed the directory a background thread still wrote into)."""
+@pytest.mark.parametrize("where", ["save", "wait_until_finished"])
+def test_ctrl_c_while_a_save_starts_is_raised_once_the_save_has_started_and_it_lands(tmp_path, where):
+  """SIGINT while ``Checkpointer.save`` waits for the previous save or starts its own in orbax (a background write
+  among its steps) is held until the save has started; the interrupt then propagates and both saves land, with no
+  lost-checkpoint report (before, the interrupt cut the start short and the clean-up removed the directory a
+  background thread still wrote into, or orbax logged the interrupted wait's traceback)."""
   ckpt = checkpoints.Checkpointer(tmp_path, save_interval_steps=2)
-  started = ckpt._manager.save
+  ckpt.save(2, {"w": np.full(3, 2.0)}, {"step": 2})
+  original = getattr(ckpt._manager, where)
 
-  def save_with_ctrl_c(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGINT)   # delivered at once to a Python handler: here, mid-start
-    return started(*args, **kwargs)
+  def with_ctrl_c(*args, **kwargs):
+    setattr(ckpt._manager, where, original)
+    os.kill(os.getpid(), signal.SIGINT)   # delivered at once to a Python handler: here, inside orbax's call
+    return original(*args, **kwargs)
 
-  ckpt._manager.save = save_with_ctrl_c
+  setattr(ckpt._manager, where, with_ctrl_c)
   with warnings.catch_warnings():
     warnings.simplefilter("error", checkpoints.LostCheckpointWarning)
     with pytest.raises(KeyboardInterrupt):
       with ckpt:
-        ckpt.save(2, {"w": np.full(3, 2.0)}, {"step": 2})
+        ckpt.save(4, {"w": np.full(3, 4.0)}, {"step": 4})
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler is back
-  assert contents(tmp_path) == ["2"]
+  assert contents(tmp_path) == ["2", "4"]
   with checkpoints.Checkpointer(tmp_path) as again:
-    np.testing.assert_array_equal(again.restore({"w": np.zeros(3)})["w"], np.full(3, 2.0))
+    np.testing.assert_array_equal(again.restore({"w": np.zeros(3)})["w"], np.full(3, 4.0))
