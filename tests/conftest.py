@@ -71,7 +71,6 @@ SLOW_CASES: dict[str, tuple[str, ...]] = {
     "test_main_job_on_a_16d_mixture_through_the_cli",
     "test_main_job_on_an_image_teacher",
     "test_one_teacher_identity",
-    "test_sampling_time_benchmark_runs",
     "test_shipped_gmm_teacher_main_job",
   ),
   "test_features.py": (
