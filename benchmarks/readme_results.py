@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -294,7 +295,8 @@ def picture(name: str) -> list[str]:
 
 
 SECTIONS: dict[str, Callable[[str, Run], list[str]]] = {
-    "digits_mteo": mteo_section, "gmm_mteo_full": mteo_section, "digits_mteo_dit": mteo_section, "digits_compare": compare_section, "fmnist_compare": compare_section,
+    "digits_mteo": mteo_section, "gmm_mteo_full": mteo_section, "digits_mteo_dit": mteo_section,
+    "digits_compare": compare_section, "fmnist_compare": compare_section,
     "gmm_compare": compare_section, "digits_pd": pd_section, "gmm_pd": pd_section}
 
 
@@ -344,6 +346,218 @@ def solvers_section(results_dir: Path) -> list[str]:
                   "![error vs NFE](benchmarks/results/solver_error_vs_nfe.png)", ""]
 
 
+def cost_section(results_dir: Path) -> list[str]:
+  """Learning time of each method against the teacher's training time, measured in one run."""
+  path = results_dir / "cost.json"
+  lines = ["### Cost: time to learn each method, against the teacher's training", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/cost.py")
+  setup, results = data["setup"], data["results"]
+  teacher = results["teacher"]
+  rows = []
+  for method, by_solver in results["methods"].items():
+    for solver, r in by_solver.items():
+      rows.append([method_name(method), solver_name(solver), seconds(r["seconds"]) + (" (e)" if r["extrapolated"]
+                                                                                       else ""),
+                   f"{r['ratio_to_teacher']:.3f}", f"{r['ratio_with_references']:.3f}"])
+  ratios = {m: min(r["ratio_to_teacher"] for r in by.values()) for m, by in results["methods"].items()}
+  return lines + [
+      f"`python benchmarks/cost.py`: each method at NFE {setup['nfe']} on `{setup['teacher']}` with its own default "
+      "settings of the digits comparison, timed on one machine in one run, compilation included; \"(e)\": timed over "
+      f"{teacher['measured_steps']}-step stretches after compiling and extrapolated to the method's steps (its JSON "
+      "says which and how). The teacher's training: its shipped config timed the same way and extrapolated to "
+      f"{teacher['steps']} steps: {teacher['seconds']:.0f} s (it took {teacher['recorded_wall_time_s']:.0f} s when it "
+      f"was trained). The training references (diffrax, {results['references']['num_train']} trajectories) took "
+      f"{results['references']['train_seconds']:.0f} s once for every method; the last column adds them. Load "
+      f"average {setup['load_average'][0]} on {setup['cpu_count']} cores. Source: `benchmarks/results/cost.json`.", "",
+      table(["method", "solver", "learn s", "/ teacher training", "with references / teacher"], rows), "",
+      "Cheapest solver per method, as a fraction of the teacher's training: "
+      + ", ".join(f"{method_name(m)} {v:.3f}" for m, v in sorted(ratios.items(), key=lambda item: item[1])) + ".",
+      "", "![cost](benchmarks/results/cost.png)", ""]
+
+
+def throughput_section(results_dir: Path) -> list[str]:
+  """Samples per second of the plain solver, with an MTEO table and with INDIS's per-sample schedule."""
+  path = results_dir / "throughput.json"
+  lines = ["### Sampling throughput: plain, with a table, with a per-sample schedule", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/throughput.py")
+  setup, results = data["setup"], data["results"]
+  rows, summary = [], []
+  for teacher, by_solver in results.items():
+    table_ratios = [r["table"]["time_ratio"] for by_nfe in by_solver.values() for r in by_nfe.values()]
+    indis_ratios = [r["indis"]["time_ratio"] for by_nfe in by_solver.values() for r in by_nfe.values()]
+    summary.append(f"{teacher}: with a table {statistics.median(table_ratios):.2f}, with INDIS "
+                   f"{statistics.median(indis_ratios):.2f}")
+    for solver, by_nfe in by_solver.items():
+      for nfe, r in by_nfe.items():
+        rows.append([teacher, solver_name(solver), nfe, f"{r['plain']['samples_per_s']:.0f}",
+                     f"{r['table']['time_ratio']:.2f}", f"{r['indis']['time_ratio']:.2f}",
+                     f"{100 * r['phi']['share_of_indis']:.1f} %"])
+  return lines + [
+      f"`python benchmarks/throughput.py`: jitted samplers on batches of {setup['batch_size']} held-out noises, the "
+      f"median of {setup['repeats']} interleaved calls after compiling; time with a table or with INDIS, divided by "
+      "the plain solver's time in the same run (below 1: faster). A table replaces the time-embedding MLP; INDIS adds "
+      "phi(x_T) and a grid per sample. Load average "
+      f"{setup['load_average'][0]} on {setup['cpu_count']} cores, so single ratios vary by tens of percent. Source: "
+      "`benchmarks/results/throughput.json`.", "",
+      table(["teacher", "solver", "NFE", "plain samples/s", "table / plain time", "INDIS / plain time",
+             "phi's share of INDIS"], rows), "",
+      "Median time ratio to the plain solver over the solvers and NFEs, " + "; ".join(summary) + ".", "",
+      "![throughput](benchmarks/results/throughput.png)", ""]
+
+
+def run_line(setup: dict, results: dict | None = None) -> str:
+  """"Wall time m min on c cores (load average a before, b after)", from a benchmark JSON's setup (and results)."""
+  wall = setup.get("wall_seconds", (results or {}).get("wall_seconds"))
+  after = setup.get("load_average_after", (results or {}).get("load_average_after"))
+  cores = f"{setup['cpu_count']} CPU cores"
+  text = f"{wall / 60:.0f} min wall on {cores}" if wall is not None else cores
+  text += f" (load average {setup['load_average'][0]} before"
+  return text + (f", {after[0]} after)" if after else ")")
+
+
+def quality_section(results_dir: Path) -> list[str]:
+  """Every method x solver x NFE on one teacher at one reduced, equal budget (benchmarks/quality.py)."""
+  path = results_dir / "quality.json"
+  lines = ["### Every method at one equal budget: method x solver x NFE", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/quality.py")
+  setup, results = data["setup"], data["results"]
+  budget, rows = setup["budget"], results["rows"]
+  methods = [m for m in setup["methods"] if m != "pd" and any(r["method"] == m for r in rows)]
+  grid = {(r["method"], r["solver"], r["nfe"]): r for r in rows}
+
+  def cell(row: dict) -> str:
+    text = number(row["rmse"]) + (f" / {row['fd']:.1f}" if row.get("fd") is not None else "")
+    return text + (f" ({row['learn_seconds']:.0f} s)" if row.get("learn_seconds") else "")
+
+  body = []
+  for solver in setup["solvers"]:
+    for nfe in sorted({r["nfe"] for r in rows if r["solver"] == solver}):
+      here = {m: grid[(m, solver, nfe)] for m in methods if (m, solver, nfe) in grid}
+      cells = bold_best({m: cell(r) for m, r in here.items()}, {m: r["rmse"] for m, r in here.items()})
+      body.append([solver_name(solver), str(nfe)] + [cells.get(m, "") for m in methods])
+  teacher, reference = results.get("teacher_row") or {}, results.get("reference_row") or {}
+  out = lines + [
+      f"`python benchmarks/quality.py`: `{setup['teacher']}`, {budget['num_eval']} held-out noises, every learned "
+      f"method on the same {budget['num_train']} training trajectories and {budget['steps']} Adam steps of "
+      f"{budget['batch_size']} (GITS: its search on {budget['gits_num_warmup']} of them), the training-free ones at "
+      f"NFE {', '.join(map(str, setup['nfes']))} and the trained ones at NFE "
+      f"{', '.join(map(str, setup['learned_nfes']))}; far smaller budgets than the main jobs above. Cells: RMSE / "
+      f"{setup.get('fd_name') or 'FD'} (learning seconds, compilation included); bold: lowest RMSE of the row. "
+      f"Teacher ({teacher.get('nfe', '?')} NFE): {number(teacher.get('rmse'))} / {number(teacher.get('fd'), 1)}; "
+      f"the reference's own {setup.get('fd_name') or 'FD'}: {number(reference.get('fd'), 1)}. "
+      f"{run_line(setup, results)}. Source: `benchmarks/results/quality.json`.", "",
+      table(["solver", "NFE"] + [method_name(m) for m in methods], body), ""]
+  pd_rows = sorted(r["nfe"] for r in rows if r["method"] == "pd")
+  if pd_rows:
+    pd_body = []
+    for nfe in pd_rows:
+      here = {m: grid[(m, "euler", nfe)] for m in ("base", "pd") if (m, "euler", nfe) in grid}
+      cells = bold_best({m: cell(r) for m, r in here.items()}, {m: r["rmse"] for m, r in here.items()})
+      pd_body.append([str(nfe), cells.get("base", ""), cells.get("pd", "")])
+    out += ["Progressive distillation at the same budget per round (learning seconds: every round down to that "
+            "student), beside plain DDIM at the student's step count:", "",
+            table(["DDIM steps (= NFE)", "DDIM", "PD student"], pd_body), ""]
+  best = results.get("best", {})
+  winners = [f"{solver_name(solver)} NFE {nfe}: {method_name(method)}" for solver, by in best.items()
+             for nfe, method in sorted(by.items(), key=lambda item: int(item[0])) if solver != "euler"]
+  return out + ["Lowest RMSE per cell: " + "; ".join(winners) + ".", "",
+                "![quality](benchmarks/results/quality.png)", ""]
+
+
+def error_vs_nfe_section(results_dir: Path) -> list[str]:
+  """Every solver's RMSE vs NFE on the digits teacher, with MTEO at NFE 3 and the NFE that matches it."""
+  path = results_dir / "error_vs_nfe.json"
+  lines = ["### Every solver vs NFE, and the NFE at which it matches MTEO at NFE 3", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/error_vs_nfe.py")
+  setup, results = data["setup"], data["results"]
+  rmse, budget = results["rmse"], setup["budget"]
+  nfes = [str(n) for n in setup["nfes"]]
+  learned = [m for m in setup["learned"] if m in rmse]
+  body = []
+  for solver, by_nfe in rmse["base"].items():
+    row = [solver_name(solver)] + [number(by_nfe.get(n), 4) for n in nfes]
+    for method in learned:
+      match = results["matching"][method]
+      target = rmse[method].get(solver, {}).get(str(match["nfe"]))
+      row += [number(target), match["per_solver"][solver]["text"] if target is not None else "–"]
+    body.append(row)
+  header = ["solver"] + [f"NFE {n}" for n in nfes]
+  for method in learned:
+    nfe = results["matching"][method]["nfe"]
+    header += [f"{method_name(method)} NFE {nfe}", f"plain matches {method_name(method)} NFE {nfe} at"]
+  out = lines + [
+      f"`python benchmarks/error_vs_nfe.py`: RMSE to the reference on `{setup['teacher']}`, {budget['num_eval']} "
+      f"held-out noises, EDM schedule (rho 7), every registered solver plain (Heun: odd NFE only), and "
+      + ", ".join(method_name(m) for m in learned)
+      + f" at quality.py's budget ({budget['num_train']} trajectories, {budget['steps']} Adam steps); the last "
+      "columns: the first NFE at which the plain solver is at least as close to the reference as the learned "
+      f"method at NFE {min(setup['learned_nfes'])} with the same solver. {run_line(setup, results)}. Source: "
+      "`benchmarks/results/error_vs_nfe.json`.", "", table(header, body), ""]
+  for method in learned:
+    match = results["matching"][method]
+    best = match["best"]
+    if best:
+      firsts = {s: e["first_nfe_vs_best"] for s, e in match["per_solver"].items()}
+      reached = {s: n for s, n in firsts.items() if n is not None}
+      text = (f"the best plain solver reaches it at NFE {min(reached.values())} ("
+              + ", ".join(solver_name(s) for s, n in reached.items() if n == min(reached.values())) + ")"
+              if reached else "no plain solver reaches it within NFE " + f"{nfes[0]}-{nfes[-1]}")
+      out += [f"The best {method_name(method)} row at NFE {match['nfe']} ({solver_name(best['solver'])}, RMSE "
+              f"{best['rmse']:.4f}): {text}.", ""]
+  return out + ["![error vs NFE](benchmarks/results/error_vs_nfe.png)", ""]
+
+
+def references_section(results_dir: Path) -> list[str]:
+  """Diffrax adaptive vs fixed-step Heun at equal accuracy, and the main job's phase shares."""
+  path = results_dir / "references.json"
+  lines = ["### References: diffrax adaptive vs fixed-step Heun, and where the main job's time goes", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/references.py")
+  setup, results = data["setup"], data["results"]
+  accuracy, job = results["accuracy"], results["main_job"]
+  equal = accuracy["equal_accuracy"]
+  body = []
+  for tol, entry in accuracy["adaptive"].items():
+    match = equal.get(tol, {})
+    body.append([tol, f"{entry['mean_nfe']:.1f}", f"{entry['rmse']:.2e}", f"{1000 * entry['seconds_per_sample']:.1f}",
+                 (f"{match['heun_steps']:.1f}" + ("" if match.get("bracketed") else " (extrapolated)"))
+                 if match else "–",
+                 f"{match['nfe_ratio']:.2f}" if match else "–", f"{match['time_ratio']:.2f}" if match else "–"])
+  heun = accuracy["heun"]
+  heun_line = ", ".join(f"{n} steps {h['rmse']:.1e}" for n, h in heun.items())
+  out = lines + [
+      f"`python benchmarks/references.py` (a): the reference solver (diffrax {accuracy['solver'].capitalize()}, "
+      "per-sample step control in log-sigma) at each tolerance (rtol = atol), and Heun with N steps (2N - 1 NFE), "
+      f"each scored against a tight solve (rtol = atol = {setup.get('tight_tolerance')}) from the same "
+      f"{setup.get('samples')} held-out noises on `{setup.get('teacher')}`. Heun at equal accuracy: the step count "
+      "whose RMSE equals the adaptive solve's (log-log between the measured N); ratios Heun / adaptive. The "
+      f"harness's default is {accuracy['default_rtol']}. Heun's RMSE: {heun_line}. {run_line(setup)}. Source: "
+      "`benchmarks/results/references.json`.", "",
+      table(["tolerance", "adaptive NFE / sample", "RMSE", "ms / sample", "Heun steps at equal RMSE",
+             "NFE ratio", "time ratio"], body), ""]
+  if job.get("phases"):
+    phases = sorted(job["phases"].items(), key=lambda item: -item[1])
+    source = job["source"].removeprefix("ran in-process: ")
+    out += [f"(b) The main job (`{source}`): "
+            f"{job['total_seconds']:.0f} s, of which "
+            + ", ".join(f"{name.replace('_', ' ')} {seconds(value)} s ({100 * job['shares'][name]:.0f} %)"
+                        for name, value in phases) + ".", ""]
+  return out + ["![references](benchmarks/results/references.png)", ""]
+
+
+BENCHMARK_SECTIONS: tuple[Callable[[Path], list[str]], ...] = (quality_section, error_vs_nfe_section, cost_section,
+                                                               throughput_section, references_section)
+
+
 # --- the whole section ---------------------------------------------------------------------------------------------
 
 def missing(path: Path, command: str) -> list[str]:
@@ -375,6 +589,8 @@ def render(results_dir: Path = RESULTS) -> str:
       lines += [f"### {RUNS[name]['title']}", ""] + missing(path, RUNS[name]["commands"][0])
       continue
     lines += section(name, Run(name, results))
+  for section in BENCHMARK_SECTIONS:
+    lines += section(results_dir)
   lines += teachers_section() + solvers_section(results_dir)
   return "\n".join(lines).rstrip() + "\n"
 

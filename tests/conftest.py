@@ -72,7 +72,6 @@ SLOW_CASES: dict[str, tuple[str, ...]] = {
     "test_main_job_on_an_image_teacher",
     "test_one_teacher_identity",
     "test_readme_samples_with_a_trained_table",
-    "test_sampling_time_benchmark_runs",
     "test_shipped_gmm_teacher_main_job",
   ),
   "test_features.py": (

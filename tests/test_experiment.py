@@ -2,7 +2,6 @@
 outputs; resuming a workdir after a harmless change; one teacher identity; every setting checked before any work."""
 
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -217,28 +216,6 @@ def test_one_teacher_identity(gmm_job):
   with pytest.raises(FileNotFoundError, match="no shipped teacher 'nope'"):
     teachers.resolve_teacher("pretrained:nope")
   assert teachers.resolve_teacher("pretrained:digits").is_dir()
-
-
-def test_sampling_time_benchmark_runs(gmm_job, tmp_path):
-  """A smoke run of benchmarks/mteo_sampling_time.py on the shipped GMM teacher, with a table initialised from the
-  teacher and with the job's trained table (the ratio itself is a measurement, not asserted here)."""
-  spec = importlib.util.spec_from_file_location("mteo_sampling_time", os.path.join(REPO, "benchmarks",
-                                                                                   "mteo_sampling_time.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  payload = module.main(["--quick", "--teacher", "pretrained:gmm", "--out-dir", os.fspath(tmp_path / "init")])
-  on_disk = json.loads((tmp_path / "init" / "mteo_sampling_time.json").read_text())
-  assert set(on_disk["results"]) == {"euler", "dpmpp_2m"} == set(payload["results"])
-  assert all(r["ratio"] > 0 for r in on_disk["results"].values())
-  assert (tmp_path / "init" / "mteo_sampling_time.png").exists()
-  table = os.fspath(gmm_job[0] / "tables" / "euler_nfe3")
-  trained = module.main(["--quick", "--teacher", "pretrained:gmm", "--table", table, "--solvers", "euler",
-                         "--out-dir", os.fspath(tmp_path / "trained")])
-  assert set(trained["results"]) == {"euler"} and trained["setup"]["table"] == table
-  assert trained["setup"]["teacher_identity"] == gmm_job[1]["teacher"]["identity"]
-  with pytest.raises(ValueError, match="solver: 'euler' -> 'dpmpp_2m'"):
-    module.main(["--quick", "--teacher", "pretrained:gmm", "--table", table, "--solvers", "dpmpp_2m",
-                 "--out-dir", os.fspath(tmp_path / "wrong")])
 
 
 # --- pictures for every data shape, and a picture that fails loses nothing ------------------------------------------
