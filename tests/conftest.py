@@ -72,6 +72,7 @@ SLOW_CASES: dict[str, tuple[str, ...]] = {
     "test_main_job_on_an_image_teacher",
     "test_one_teacher_identity",
     "test_readme_samples_with_a_trained_table",
+    "test_a_rerun_reports_each_stage_as_k_of_n_with_an_eta",
     "test_shipped_gmm_teacher_main_job",
   ),
   "test_features.py": (
@@ -115,6 +116,7 @@ SLOW_CASES: dict[str, tuple[str, ...]] = {
     "test_untrained_table_reproduces_the_base_solver[shared-dpmpp_2m]",
     "test_untrained_table_reproduces_the_base_solver[shared-heun]",
     "test_untrained_table_reproduces_the_base_solver[shared-unipc]",
+    "test_untrained_table_reproduces_the_base_solver[shared-dpmpp_3m]",
   ),
   "test_nets.py": (
     "test_unet_has_one_leaf_per_conditioned_layer[channel_mult0-1]",

@@ -212,6 +212,7 @@ def test_the_teacher_row_compiles_on_one_heun_step_and_samples_each_chunk_once(g
                                                                    teacher_steps=4, progress=False))
   row = h.teacher_row()
   assert row["nfe"] == 7 and row["n_eval"] == 16
+  assert h.progress.done == 2 and list(h.progress.durations) == ["set-up", "teacher row"]   # its stages, in order
   assert calls == [8] * (1 + 2 * 7), calls   # the warm-up (one Heun step: its last is Euler), two chunks of 7 NFE
   precond = gmm_teacher.precond
   sigmas = get_schedule("edm", 4, precond.sigma_min, precond.sigma_max, rho=7.0)
