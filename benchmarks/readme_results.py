@@ -369,8 +369,8 @@ def cost_section(results_dir: Path) -> list[str]:
       "says which and how). The teacher's training: its shipped config timed the same way and extrapolated to "
       f"{teacher['steps']} steps: {teacher['seconds']:.0f} s (it took {teacher['recorded_wall_time_s']:.0f} s when it "
       f"was trained). The training references (diffrax, {results['references']['num_train']} trajectories) took "
-      f"{results['references']['train_seconds']:.0f} s once for every method; the last column adds them. Load "
-      f"average {setup['load_average'][0]} on {setup['cpu_count']} cores. Source: `benchmarks/results/cost.json`.", "",
+      f"{results['references']['train_seconds']:.0f} s once for every method; the last column adds them. "
+      f"{run_line(setup)}. Source: `benchmarks/results/cost.json`.", "",
       table(["method", "solver", "learn s", "/ teacher training", "with references / teacher"], rows), "",
       "Cheapest solver per method, as a fraction of the teacher's training: "
       + ", ".join(f"{method_name(m)} {v:.3f}" for m, v in sorted(ratios.items(), key=lambda item: item[1])) + ".",
@@ -400,8 +400,8 @@ def throughput_section(results_dir: Path) -> list[str]:
       f"`python benchmarks/throughput.py`: jitted samplers on batches of {setup['batch_size']} held-out noises, the "
       f"median of {setup['repeats']} interleaved calls after compiling; time with a table or with INDIS, divided by "
       "the plain solver's time in the same run (below 1: faster). A table replaces the time-embedding MLP; INDIS adds "
-      "phi(x_T) and a grid per sample. Load average "
-      f"{setup['load_average'][0]} on {setup['cpu_count']} cores, so single ratios vary by tens of percent. Source: "
+      f"phi(x_T) and a grid per sample. {run_line(setup)}: on a shared machine single ratios vary by tens of "
+      "percent. Source: "
       "`benchmarks/results/throughput.json`.", "",
       table(["teacher", "solver", "NFE", "plain samples/s", "table / plain time", "INDIS / plain time",
              "phi's share of INDIS"], rows), "",
