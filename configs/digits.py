@@ -14,7 +14,7 @@ take a few minutes for the 10k steps (an estimate, not measured).
 
 MTEO main job on the shipped teacher (references -> MTEO at NFE 3 -> held-out evaluation):
 
-    python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=runs/digits_mteo        # ~15 min on 2 CPU cores
+    python -m mteo_jax.main --config=configs/digits.py:mteo --workdir=runs/digits_mteo        # ~21 min on 2 CPU cores
     python -m mteo_jax.main --config=configs/digits.py:mteo_full --workdir=runs/digits_full   # NFE 3, 4 and 5
 
 DiT teacher (Peebles & Xie 2023; 2x2 patches, 6 adaLN-Zero blocks of width 96, 1.04M parameters) and its main job:
