@@ -133,7 +133,9 @@ class JobProgress:
     self.durations.setdefault(kind, []).append(seconds)
     self.done = number
     left, complete = self.eta()
-    if self.planned:
+    if self.planned and not complete and not left:
+      remaining = "the rest not estimated yet"   # no stage of a kind still to come has run
+    elif self.planned:
       remaining = f"about {_duration(left)} left" if complete else f"at least {_duration(left)} left"
     else:
       remaining = "nothing left" if total is not None and number >= total else "the rest not estimated"

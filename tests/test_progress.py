@@ -36,6 +36,14 @@ def test_stages_are_numbered_and_the_eta_counts_finished_stages_of_each_kind():
   assert progress.planned == [] and progress.done == 3
 
 
+def test_no_estimate_before_a_stage_of_a_kind_to_come_has_run():
+  progress, lines = _progress(silence_seconds=0)
+  progress.expect(["set-up", "fit"])
+  with progress.stage("set-up"):
+    pass
+  assert lines[-1].endswith("the rest not estimated yet"), lines
+
+
 def test_without_a_plan_stages_are_counted_as_they_come():
   progress, lines = _progress(silence_seconds=0)
   for name in ("a", "b"):
