@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,6 +40,11 @@ def parser(doc: str | None, *, quick: str) -> argparse.ArgumentParser:
                  help="where runs and caches go; a rerun with the same setup resumes them (default: OUT_DIR/work)")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
+
+
+def comma_list(kind: Callable[[str], Any] = str) -> Callable[[str], list]:
+  """An argparse ``type``: "a,b,c" -> ``[kind("a"), kind("b"), kind("c")]`` (empty items dropped)."""
+  return lambda text: [kind(value) for value in text.split(",") if value]
 
 
 def work_dir(args: argparse.Namespace, name: str) -> Path:

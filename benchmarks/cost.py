@@ -424,10 +424,6 @@ def save_plot(results: dict, path: Path, title: str) -> None:
 
 # --- the command line ------------------------------------------------------------------------------------------------
 
-def _list(text: str) -> list[str]:
-  return [v for v in text.split(",") if v]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = common.parser(__doc__, quick=f"smoke run: {QUICK_CONFIG.relative_to(common.REPO)} (the shipped gmm "
                                         f"teacher) unless --config is given, {', '.join(QUICK_METHODS)} unless "
@@ -436,9 +432,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--config", default=None,
                       help=f"the config file whose :compare and :pd variants give the teacher and the methods' "
                            f"settings (default: {DEFAULT_CONFIG.relative_to(common.REPO)})")
-  parser.add_argument("--methods", type=_list, default=None,
+  parser.add_argument("--methods", type=common.comma_list(), default=None,
                       help=f"some of {','.join(METHODS)} (default: all; --quick: {','.join(QUICK_METHODS)})")
-  parser.add_argument("--solvers", type=_list, default=None,
+  parser.add_argument("--solvers", type=common.comma_list(), default=None,
                       help="the cells' solvers (default: the compare variant's, iPNDM and DPM-Solver++(2M))")
   parser.add_argument("--nfe", type=int, default=3)
   parser.add_argument("--measure-steps", type=int, default=None,

@@ -326,10 +326,6 @@ def run(args: argparse.Namespace) -> dict:
   return {"setup": setup, "results": results}
 
 
-def _list(kind):
-  return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = common.parser(__doc__, quick="smoke run: the shipped gmm teacher, 32 samples, tolerance 1e-3 against "
                                         "1e-5, Heun 4..64 steps, a tiny main job on configs/gmm.py:mteo")
@@ -338,10 +334,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser.add_argument("--samples", type=int, default=None, help="held-out noises (default 64)")
   parser.add_argument("--batch-size", type=int, default=None, help="samples per compiled call (default 32)")
   parser.add_argument("--seed", type=int, default=1, help="the noise seed (reference_noise)")
-  parser.add_argument("--tolerances", type=_list(float), default=None,
+  parser.add_argument("--tolerances", type=common.comma_list(float), default=None,
                       help="rtol = atol of the adaptive solves (default 1e-3,1e-4,1e-5,1e-6)")
   parser.add_argument("--tight-tolerance", type=float, default=None, help="the tight reference's (default 1e-8)")
-  parser.add_argument("--heun-steps", type=_list(int), default=None,
+  parser.add_argument("--heun-steps", type=common.comma_list(int), default=None,
                       help="Heun step counts N (2N - 1 NFE; default 8,16,32,64,128,256,512)")
   parser.add_argument("--main-config", default=None,
                       help=f"the main job, FILE:VARIANT (default {DEFAULT_MAIN}; --quick: {QUICK_MAIN}, tiny)")

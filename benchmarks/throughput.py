@@ -188,18 +188,14 @@ def run(args: argparse.Namespace) -> dict:
   return {"setup": setup, "results": results}
 
 
-def _list(kind):
-  return lambda text: [kind(v) for v in text.split(",") if v]
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   parser = common.parser(__doc__, quick="smoke run: pretrained:gmm (unless --teachers is given), the first "
                                         "solver, the first NFE, batch 16, 3 repeats")
-  parser.add_argument("--teachers", type=_list(str), default=None,
+  parser.add_argument("--teachers", type=common.comma_list(str), default=None,
                       help=f"comma-separated exported teacher directories or pretrained:<name> (default: "
                            f"{','.join(DEFAULT_TEACHERS)})")
-  parser.add_argument("--solvers", type=_list(str), default=["ipndm", "dpmpp_2m", "euler", "unipc"])
-  parser.add_argument("--nfes", type=_list(int), default=[3, 5, 8])
+  parser.add_argument("--solvers", type=common.comma_list(str), default=["ipndm", "dpmpp_2m", "euler", "unipc"])
+  parser.add_argument("--nfes", type=common.comma_list(int), default=[3, 5, 8])
   parser.add_argument("--batch-size", type=int, default=128)
   parser.add_argument("--repeats", type=int, default=5, help="timed calls of each function, interleaved")
   parser.add_argument("--seed", type=int, default=1, help="the noise seed (reference_noise)")
