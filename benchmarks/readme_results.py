@@ -190,8 +190,9 @@ class Run:
 
   def teacher_line(self) -> str:
     parts = []
-    for label, row in (("the teacher at 99 NFE (Heun)", self.teacher), ("the adaptive reference", self.reference)):
+    for label, row in (("the teacher at {nfe} NFE (Heun)", self.teacher), ("the adaptive reference", self.reference)):
       if row is not None:
+        label = label.format(nfe=row["nfe"])
         metric = ", ".join(f"{n} {v}" for n, v in zip(self.metric_names, self.metrics(row)))
         rmse = f"RMSE {number(row['rmse'])}" if row["method"] == "teacher" else f"{row['nfe']} NFE on average"
         parts.append(f"{label}: {rmse}" + (f", {metric}" if metric else ""))
@@ -554,8 +555,44 @@ def references_section(results_dir: Path) -> list[str]:
   return out + ["![references](benchmarks/results/references.png)", ""]
 
 
+def main_job_section(results_dir: Path) -> list[str]:
+  """README's first command from a fresh work directory, at its sizes and at the full ones (benchmarks/main_job.py)."""
+  path = results_dir / "main_job.json"
+  lines = ["### The main job's wall time: README's first command from a fresh work directory", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, "python benchmarks/main_job.py")
+  setup, results = data["setup"], data["results"]
+  runs = results["runs"]
+  phases = list(dict.fromkeys(p for entry in runs.values() for p in entry["phases"]))
+  body = []
+  for name, entry in runs.items():
+    nfe3 = {(r["method"], r["solver"]): r for r in entry["rows"] if r["nfe"] == 3}
+    cuts = [f"{solver_name(solver)} {r['rmse']:.4f} -> {nfe3[('mteo', solver)]['rmse']:.4f}"
+            for (method, solver), r in nfe3.items() if method == "base" and ("mteo", solver) in nfe3]
+    load_text = f"{entry['load_average'][0]} / {entry['load_average_after'][0]}" if entry.get("load_average") else "–"
+    body.append([f"`{name}`", f"`{entry['command']}`", seconds(entry["wall_seconds"]),
+                 *[seconds(entry["phases"].get(p)) for p in phases], seconds(entry["start_up_seconds"]),
+                 "; ".join(cuts), load_text, (entry.get("commit") or "–")[:12]])
+  out = lines + [
+      "`python benchmarks/main_job.py`: each command line run as a new user runs it, on an empty work directory (every "
+      "reference solved, nothing cached), timed from start to exit; the phases are the job's own `timings` in its "
+      "`results.json`, start-up is Python's start and imports. `main` is README's first command; `full` is the same "
+      "job at the sizes of `configs/digits.py:mteo_full`, at NFE 3. The RMSE columns: the plain solver -> MTEO at "
+      f"NFE 3 on the held-out noise of each run. {run_line(setup)}; each run's load average before / after is in its "
+      "row. Source: `benchmarks/results/main_job.json`.", "",
+      table(["run", "command", "wall s", *[f"{p.replace('_', ' ')} s" for p in phases], "start-up s",
+             "NFE-3 RMSE, plain -> MTEO", "load", "commit"], body), ""]
+  if "speed_up" in results:
+    out += [f"README's first command takes {runs['main']['wall_seconds']:.0f} s, "
+            f"{results['speed_up']:.1f}x less than the same job at the full sizes "
+            f"({runs['full']['wall_seconds']:.0f} s).", ""]
+  return out + ["![main job](benchmarks/results/main_job.png)", ""]
+
+
 BENCHMARK_SECTIONS: tuple[Callable[[Path], list[str]], ...] = (quality_section, error_vs_nfe_section, cost_section,
-                                                               throughput_section, references_section)
+                                                               throughput_section, references_section,
+                                                               main_job_section)
 
 
 # --- the whole section ---------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class CompareConfig:
   overwrite: bool = False
   distributed: str | bool = "false"   # True, False or auto: parallel.initialize_distributed
   cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
+  cpu_devices: int = 0   # CPU devices on a CPU-only run (parallel.use_cpu_devices); 0 = JAX's default
   compare: CompareJobConfig = dataclasses.field(default_factory=CompareJobConfig)
   mteo: MTEOSettings = MTEOSettings()
   gits: GITSSettings = GITSSettings()
@@ -259,7 +260,7 @@ def run_compare(config: CompareConfig | ml_collections.ConfigDict | dict, workdi
   earlier = earlier_rows(workdir)   # an unreadable results.json stops the run before any work
   methods = build_methods(config)
   harness = Harness(teacher, workdir, job.harness_config(config.seed),
-                    stages=job_stages(methods, job.solvers, job.nfes))
+                    stages=job_stages(methods, job.solvers, job.nfes, teacher_row=job.teacher_steps > 0))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()

@@ -58,6 +58,9 @@ class MTEOExperimentConfig:
     distributed: ``True``, ``False`` or ``auto``: call ``jax.distributed.initialize`` first, for a run over several
       processes or hosts (``auto``: where a TPU slice, SLURM, Open MPI or a coordinator address is detected;
       ``parallel.initialize_distributed``).
+    cpu_devices: CPU devices JAX exposes when it runs on the CPU, the data-parallel mesh splitting each batch over
+      them (``parallel.use_cpu_devices``: two keep both cores of a 2-core machine busy); 0 = JAX's default (one).
+      Not part of the experiment: a resume may change it.
     mteo: the section below (``MTEOJobConfig``).
   """
   mode: str = "mteo"
@@ -65,6 +68,7 @@ class MTEOExperimentConfig:
   overwrite: bool = False
   distributed: str | bool = "false"
   cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
+  cpu_devices: int = 0
   mteo: MTEOJobConfig = dataclasses.field(default_factory=MTEOJobConfig)
 
 
@@ -96,7 +100,7 @@ def run_mteo(config: MTEOExperimentConfig | ml_collections.ConfigDict | dict, wo
   teacher = Teacher.load(job.teacher)
   methods = [BaseSolver(), MTEO(job.method_settings())]
   harness = Harness(teacher, workdir, job.harness_config(config.seed),
-                    stages=job_stages(methods, job.solvers, job.nfes))
+                    stages=job_stages(methods, job.solvers, job.nfes, teacher_row=job.teacher_steps > 0))
   cells = harness.cells(job.solvers, job.nfes)
   harness.teacher_row()
   harness.reference_row()

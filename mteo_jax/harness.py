@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from mteo_jax import config_utils, files, metrics, parallel
+from mteo_jax import config_utils, files, metrics, mteo, parallel
 from mteo_jax.progress import JobProgress
 from mteo_jax import data as data_lib
 from mteo_jax.schedules import SCHEDULES, get_schedule
@@ -92,7 +92,8 @@ class HarnessConfig:
     num_train: training noises (and reference trajectories) shared by every method.
     num_eval: held-out noises every method is scored on.
     eval_batch_size: samples per jitted sampling call during evaluation.
-    teacher_steps: Heun steps of the teacher row (``2 * steps - 1`` NFE).
+    teacher_steps: Heun steps of the teacher row (``2 * steps - 1`` NFE); 0 = no teacher row (the reference row, the
+      teacher solved adaptively, stands for the teacher at many steps).
     schedule, rho: the base sigma schedule of each cell (``rho`` for ``edm`` only).
     grid_size: samples per row of the comparison picture.
     reference: the diffrax solve.
@@ -121,9 +122,11 @@ class HarnessConfig:
     return np.asarray(get_schedule(self.schedule, num_steps, sigma_min, sigma_max, **options))
 
   def __post_init__(self):
-    for name in ("num_train", "num_eval", "eval_batch_size", "teacher_steps", "grid_size"):
+    for name in ("num_train", "num_eval", "eval_batch_size", "grid_size"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.teacher_steps < 0:
+      raise ValueError(f"teacher_steps must be >= 0 (0: no teacher row), got {self.teacher_steps}")
     if self.schedule == "explicit":
       raise ValueError("schedule='explicit' needs a grid per NFE; use edm, time_uniform or logsnr_uniform")
     SCHEDULES.get(self.schedule)   # KeyError listing the valid names
@@ -223,11 +226,13 @@ class Cell:
     return f"{self.solver_name}_nfe{self.nfe}"
 
 
-def job_stages(methods: Sequence[Any], solvers: Sequence[str], nfes: Sequence[int]) -> list[str]:
+def job_stages(methods: Sequence[Any], solvers: Sequence[str], nfes: Sequence[int], *,
+               teacher_row: bool = True) -> list[str]:
   """The kinds of a harness job's stages, in order, for its progress lines (``progress.JobProgress``): the set-up
-  (held-out reference, metrics), the teacher row, then each method on each cell it serves (cells as ``Harness.cells``
-  makes them: NFE-major). Raises KeyError for an unknown solver."""
-  kinds = ["set-up", "teacher row"]
+  (held-out reference, metrics), the teacher row (unless ``teacher_row=False``: ``teacher_steps=0``), then each
+  method on each cell it serves (cells as ``Harness.cells`` makes them: NFE-major). Raises KeyError for an unknown
+  solver."""
+  kinds = ["set-up", "teacher row"] if teacher_row else ["set-up"]
   for nfe in nfes:
     for name in solvers:
       cell = Cell(name, nfe, get_solver(name), np.zeros((0,), np.float32))
@@ -453,6 +458,7 @@ class Harness:
     self.picture_nfe: int | None = None   # the NFE of the comparison pictures: the first cell's of the first run
     self._cells: list[Cell] = []
     self._train_reference: tuple[np.ndarray, Reference] | None = None
+    self._table_samplers: dict[tuple[str, bytes], Callable[..., jax.Array]] = {}
     eval_sigmas = np.array([sigma_max, teacher.precond.sigma_min], np.float32)
     with self.progress.stage(f"set-up: the held-out reference ({config.num_eval} noises) and the metrics",
                              kind="set-up"):
@@ -519,10 +525,28 @@ class Harness:
     return data
 
   def held_out_rmse(self, sample: Sampler, num: int = 256) -> float:
-    """RMSE to the reference on the first ``num`` held-out noises: a cheap monitor during training."""
+    """RMSE to the reference on the first ``num`` held-out noises: a cheap monitor during training. The noises are
+    sampled in the evaluation's chunks (``eval_batch_size``; a last chunk is filled with the next held-out noises,
+    not scored), so that a sampler shared with the method's row (``table_sampler``) compiles once for both."""
     num = min(num, self.config.num_eval)
-    labels = None if self.label_eval is None else self.label_eval[:num]
-    return float(metrics.rmse(np.asarray(sample(self.x_T_eval[:num], labels)), self.eval_reference.final[:num]))
+    chunk = min(self.config.eval_batch_size, self.config.num_eval)
+    total = min(-(-num // chunk) * chunk, self.config.num_eval)
+    labels = None if self.label_eval is None else self.label_eval[:total]
+    samples = batched(sample, chunk, self.x_T_eval[:total], labels)
+    return float(metrics.rmse(samples[:num], self.eval_reference.final[:num]))
+
+  def table_sampler(self, cell: Cell) -> Callable[..., jax.Array]:
+    """``sample(table, x_T, label) -> [B, ...]``: the cell's solver on its grid with the frozen teacher and a table of
+    time embeddings ``{layer: [NFE, D]}`` (``mteo.student_sample``), jitted once per solver and grid. The plain
+    solver's row runs it with the teacher's own embeddings (``mteo.init_table``: the same network function), MTEO's
+    monitor and row with the learned table: one compiled program serves them all (a UNet unrolled over the NFE takes
+    seconds to tens of seconds to compile on a CPU)."""
+    key = (cell.solver_name, np.asarray(cell.sigmas, np.float32).tobytes())
+    if key not in self._table_samplers:
+      teacher, solver, sigmas = self.teacher, cell.solver, np.asarray(cell.sigmas)
+      self._table_samplers[key] = jax.jit(lambda table, x_T, label: mteo.student_sample(
+          solver, teacher.backbone, teacher.params, teacher.precond, table, x_T, sigmas, label))
+    return self._table_samplers[key]
 
   def run_dir(self, method: str, cell: Cell) -> Path:
     """Where a method keeps the checkpoints and metrics of its run on a cell."""
@@ -544,9 +568,12 @@ class Harness:
     self.rows.append(row)
     return row, samples
 
-  def teacher_row(self) -> dict:
-    """``_teacher_row`` in the ``teacher_row`` phase of the timer (its sampling included)."""
+  def teacher_row(self) -> dict | None:
+    """``_teacher_row`` in the ``teacher_row`` phase of the timer (its sampling included); None, and no row, where
+    ``teacher_steps`` is 0."""
     steps = self.config.teacher_steps
+    if not steps:
+      return None
     with self.progress.stage(f"teacher row: Heun, {get_solver('heun').nfe(steps)} NFE on {self.config.num_eval} "
                              "held-out noises", kind="teacher row"), self.timer.phase("teacher_row", absorb=True):
       return self._teacher_row()

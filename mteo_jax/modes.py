@@ -172,6 +172,8 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
     distributed, cluster = _distributed_settings(typed)
     distributed = parallel.distributed_choice(distributed)
     cluster.check()
+    if getattr(typed, "cpu_devices", 0) < 0:
+      raise ValueError(f"cpu_devices must be >= 0 (0 = JAX's default), got {typed.cpu_devices}")
     if distributed == "false" and cluster != parallel.ClusterConfig():
       changed = config_utils.diff(config_utils.to_plain(parallel.ClusterConfig()), config_utils.to_plain(cluster))
       raise ValueError(f"cluster is set ({changed}) but distributed is False: cluster.* is read only with "
@@ -265,11 +267,13 @@ def describe_experiment_change(stored: dict, identity: dict) -> str:
 
 
 def prepare(config: ml_collections.ConfigDict | dict, overridden: Collection[str] | None = None) -> tuple[Mode, Any]:
-  """``parse``, then ``jax.distributed.initialize`` where ``config.distributed`` asks for it, then the mode's checks
+  """``parse``, then the CPU device count (``parallel.use_cpu_devices``) and ``jax.distributed.initialize`` where
+  ``config.distributed`` asks for it, then the mode's checks
   that need the devices or the teacher (``Mode.check``): every error a config can raise, as a ``ConfigError``, before
   the workdir is touched."""
   spec, typed = parse(config, overridden)
-  try:   # before anything touches the devices: the processes of a multi-host run meet here
+  try:   # before anything touches the devices: the CPU device count, then the processes of a multi-host run meet here
+    parallel.use_cpu_devices(getattr(typed, "cpu_devices", 0))
     parallel.initialize_distributed(*_distributed_settings(typed))
   except ValueError as error:
     raise ConfigError(f"invalid config for mode {spec.name!r}: {error}") from None

@@ -124,6 +124,39 @@ def initialize_distributed(distributed: Any, cluster: ClusterConfig = ClusterCon
   return True
 
 
+def use_cpu_devices(count: int) -> None:
+  """Makes JAX's CPU backend expose ``count`` devices (``jax.config``'s ``jax_num_cpu_devices``), so that the
+  data-parallel mesh splits each batch over them; 0 leaves JAX's own default (one device, or the
+  ``--xla_force_host_platform_device_count`` of ``XLA_FLAGS``).
+
+  Why: XLA runs one CPU device's program on about 1.3 cores; on a 2-core machine two devices keep both cores busy
+  (the shipped digits UNet: 1.5x the samples per second, a reference solve 1.4x faster). Per-sample results are the
+  same up to float rounding; a batch mean is summed in another order. Only the CPU backend is affected: where JAX runs
+  on a GPU or TPU, its CPU devices hold no work.
+
+  It must come before JAX's backends start (the first computation or device query): ``modes.prepare`` calls it first,
+  so the command line always applies it. Where they have started with another count (a notebook that used JAX
+  first), it logs a warning and changes nothing.
+
+  Raises:
+    ValueError: ``count`` below 0.
+  """
+  if count < 0:
+    raise ValueError(f"cpu_devices must be >= 0 (0 = JAX's default), got {count}")
+  if not count:
+    return
+  from jax._src import xla_bridge  # noqa: PLC0415  (the only place that says whether the backends have started)
+  if xla_bridge.backends_are_initialized():
+    have = len(jax.local_devices(backend="cpu"))
+    if have != count:
+      from absl import logging  # noqa: PLC0415
+      logging.warning("cpu_devices=%d is not applied: JAX started with %d CPU device(s) before the config was read; "
+                      "set it before any JAX computation (the command line does) or with JAX_NUM_CPU_DEVICES=%d",
+                      count, have, count)
+    return
+  jax.config.update("jax_num_cpu_devices", count)
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh with the axis ``"data"`` over ``devices`` (default: every device of every process)."""
   devices = jax.devices() if devices is None else list(devices)

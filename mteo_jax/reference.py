@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from mteo_jax import files
+from mteo_jax import files, parallel
 from mteo_jax.diffusion import Preconditioning, coefficient_dtype
 from mteo_jax.hashing import canonical_json, hash_json, hash_pytree, to_jsonable
 from mteo_jax.registry import Registry
@@ -340,6 +340,10 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   batch_size = min(batch_size, num)
+  # Data-parallel over this process's devices: each chunk is split over the mesh (padded to a multiple of its size).
+  mesh = parallel.local_mesh()
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  sharding = parallel.data_sharding(mesh) if mesh.size > 1 else None
   sigmas, start = _check_save_sigmas(save_sigmas, sigma_start, x_T.dtype)
   finite = np.isfinite(np.asarray(x_T)).reshape(num, -1).all(axis=1)
   if not finite.all():
@@ -366,6 +370,9 @@ def reference_trajectories(denoiser: Callable[..., jax.Array], x_T: jax.Array, s
       pad = batch_size - (end - begin)
       x_chunk = _pad_rows(x_T[begin:end], pad)
       label_chunk = None if labels is None else _pad_rows(labels[begin:end], pad)
+      if sharding is not None:
+        x_chunk = jax.device_put(x_chunk, sharding)
+        label_chunk = None if label_chunk is None else jax.device_put(label_chunk, sharding)
       out = jax.device_get(solve_chunk(x_chunk, label_chunk, *times))
       ys, steps, ok, out_of_steps, stalled, t_end, y_end = (a[:end - begin] for a in out)
       if not np.all(ok):

@@ -104,13 +104,15 @@ class TeacherConfig:
   Attributes:
     mode: "train". seed: the run's seed (initialisation, data order, noise). overwrite: replace a workdir that holds
     another experiment (``modes.claim_workdir``). distributed, cluster: multi-process runs
-    (``parallel.initialize_distributed``; every mode has them). data, model, precond, train: the sections above.
+    (``parallel.initialize_distributed``; every mode has them). cpu_devices: CPU devices JAX exposes on a CPU-only
+    run (``parallel.use_cpu_devices``; 0 = JAX's default). data, model, precond, train: the sections above.
   """
   mode: str = "train"
   seed: int = 0
   overwrite: bool = False
   distributed: str | bool = "false"   # True, False or auto: parallel.initialize_distributed
   cluster: parallel.ClusterConfig = dataclasses.field(default_factory=parallel.ClusterConfig)
+  cpu_devices: int = 0
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
   precond: Preconditioning = dataclasses.field(default_factory=Preconditioning)

@@ -15,6 +15,7 @@ names a test is an error when its file is collected, so the list cannot silently
 from __future__ import annotations
 
 import os
+import signal
 from typing import Callable
 
 # XLA's cheap compile pipeline for every test process (set before JAX starts its backend; a caller's own XLA_FLAGS
@@ -22,6 +23,12 @@ from typing import Callable
 # Numerics are unchanged in kind (no fast-math either way); every test compares programs compiled alike or against
 # tolerances.
 os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+
+# A shell's background job (``cmd &`` in a script, without job control) starts with SIGINT ignored, and Python then
+# leaves it ignored: Ctrl-C tests would see nothing. Python's own handler is restored here, as in a terminal; the
+# processes the tests start get the default disposition (a handler is reset on exec), so Python installs its own there.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402
 import numpy as np

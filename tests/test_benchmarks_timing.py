@@ -202,3 +202,42 @@ def test_equal_accuracy_on_a_second_order_solver():
   assert inside["smallest_measured"]["steps"] == 32 and inside["smallest_measured"]["time_ratio"] == pytest.approx(3.2)
   assert not beyond["bracketed"] and beyond["heun_steps"] == pytest.approx(64.0)
   assert beyond["smallest_measured"] is None
+
+
+# --- main_job.py -----------------------------------------------------------------------------------------------------
+
+def test_main_job_quick_runs_the_command_line_and_keeps_runs_it_does_not_repeat(tmp_path, capsys):
+  """--quick: the gmm main job at tiny sizes through the real command line on an empty work directory; the entry
+  holds the wall time (start-up included, so above the job's own), the job's phases and rows; --fresh drops an
+  earlier JSON's entries, and without it a run of the other name keeps them (and the speed-up is computed); README's
+  section renders from it; bad options are refused before any work."""
+  main_job = _load("main_job")
+  out, work = tmp_path / "out", tmp_path / "work"
+  out.mkdir()
+  (out / "main_job.json").write_text(json.dumps({"setup": {"quick": True}, "results": {"runs": {"full": {}}}}))
+  main_job.main(["--quick", "--runs", "main", "--fresh", "--out-dir", str(out), "--work-dir", str(work),
+                 "--no-progress"])
+  payload = _written(out, "main_job")
+  assert set(payload["results"]["runs"]) == {"main"}   # --fresh: the earlier "full" entry is gone
+  entry = payload["results"]["runs"]["main"]
+  assert entry["command"].startswith("python -m mteo_jax.main --config=configs/gmm.py:mteo ")
+  assert entry["wall_seconds"] > entry["job_seconds"] > 0 and entry["start_up_seconds"] > 0
+  assert {"references", "training", "evaluation"} <= set(entry["phases"])
+  assert [(r["method"], r["solver"], r["nfe"]) for r in entry["rows"]][-2:] == [("base", "euler", 3),
+                                                                                ("mteo", "euler", 3)]
+  assert (work / "main_job-quick" / "main" / "results.json").exists() and "speed_up" not in payload["results"]
+  main_job.main(["--quick", "--runs", "full", "--out-dir", str(out), "--work-dir", str(work), "--no-progress"])
+  payload = _written(out, "main_job")
+  assert payload["results"]["runs"]["main"] == entry and payload["setup"]["kept"] == ["main"]
+  full = payload["results"]["runs"]["full"]
+  assert payload["results"]["speed_up"] == pytest.approx(full["wall_seconds"] / entry["wall_seconds"])
+  assert "--config.mteo.nfes=(3,)" in full["command"] and "configs/gmm.py:mteo_full" in full["command"]
+  sys.path.insert(0, str(BENCHMARKS))
+  import readme_results  # noqa: PLC0415
+  assert "Not measured yet: `python benchmarks/main_job.py`" in "\n".join(readme_results.main_job_section(work))
+  payload["setup"]["quick"] = False   # the renderer refuses quick runs; render this one as if it were full
+  (out / "main_job.json").write_text(json.dumps(payload))
+  section = "\n".join(readme_results.main_job_section(out))
+  assert "| `main` | `python -m mteo_jax.main --config=configs/gmm.py:mteo " in section
+  assert f"{payload['results']['speed_up']:.1f}x less than the same job at the full sizes" in section
+  _refused(main_job, ["--runs", "main,nope"], capsys, "unknown run(s) ['nope']")

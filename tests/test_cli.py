@@ -315,7 +315,8 @@ def test_check_overrides_names_the_valid_keys(monkeypatch):
 @pytest.mark.parametrize("args, message", [
     (("--config=configs/digits.py:mteo", "--config.train.steps=7"),
      r"^error: --config\.train\.steps: the config of configs/digits\.py:mteo \(mode 'mteo'\) has no key 'train'; "
-     r"valid keys of the config: \['cluster', 'distributed', 'mode', 'mteo', 'overwrite', 'seed'\]$"),
+     r"valid keys of the config: \['cluster', 'cpu_devices', 'distributed', 'mode', 'mteo', 'overwrite', "
+     r"'seed'\]$"),
     (("--config=configs/gmm.py:tiny", "--config.train.stepz=3"),
      r"^error: --config\.train\.stepz: train of configs/gmm\.py:tiny \(mode 'train'\) has no key 'stepz'; "
      r"valid keys of train: \['batch_size', .*'steps', 'warmup_steps'\]$"),
@@ -401,7 +402,8 @@ def test_parse_refuses_a_section_the_mode_does_not_read():
   config = load_config_file("digits").get_config("mteo")
   config.train = modes.base_config("train").train
   with pytest.raises(modes.ConfigError, match=r"mode 'mteo' does not read the config key\(s\) \['train'\]; its keys "
-                                              r"are \['cluster', 'distributed', 'mode', 'mteo', 'overwrite', 'seed'\]"):
+                                              r"are \['cluster', 'cpu_devices', 'distributed', 'mode', 'mteo', "
+                                              r"'overwrite', 'seed'\]"):
     modes.parse(config)
   config = load_config_file("digits").get_config("mteo").to_dict()
   config["mteo"]["stepz"] = 3
@@ -410,7 +412,8 @@ def test_parse_refuses_a_section_the_mode_does_not_read():
   config = load_config_file("gmm").get_config("tiny")
   config.mteo = modes.base_config("mteo").mteo
   with pytest.raises(modes.ConfigError, match=r"mode 'train' does not read the config key\(s\) \['mteo'\]; its "
-                                              r"keys are \['cluster', 'data', 'distributed', 'mode', 'model', "
+                                              r"keys are \['cluster', 'cpu_devices', 'data', 'distributed', 'mode', "
+                                              r"'model', "
                                               r"'overwrite', 'precond', 'seed', "
                                               r"'train'\]"):
     modes.parse(config)

@@ -65,14 +65,16 @@ def test_the_install_cell_skips_installs_or_says_what_to_set(monkeypatch):
 
 
 def test_the_full_setting_is_the_main_jobs_and_quick_is_chosen_by_the_variable(monkeypatch):
-  """MTEO_DEMO_QUICK=0 gives configs/digits.py:mteo's mteo section but for the solvers shown, and LD3's defaults;
+  """MTEO_DEMO_QUICK=0 gives configs/digits.py:mteo_full's mteo section at NFE 3 but for the solvers shown (the main
+  job at its full sizes; README's first command is cut to fit 2 CPU cores), and LD3's defaults;
   "1" the quick setting; anything else is refused; unset, the backend decides (quick on this CPU)."""
   # configs/digits.py by path, as ``--config=configs/digits.py`` loads it.
   spec = importlib.util.spec_from_file_location("_config_digits", NOTEBOOK.parents[1] / "configs" / "digits.py")
   digits = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(digits)
   from mteo_jax import config_utils, experiment, methods  # noqa: PLC0415
-  main_job = config_utils.from_dict(experiment.MTEOExperimentConfig, digits.get_config("mteo")).mteo
+  main_job = dataclasses.replace(
+      config_utils.from_dict(experiment.MTEOExperimentConfig, digits.get_config("mteo_full")).mteo, nfes=(3,))
   source = tagged_source("parameters")
 
   def settings(value: str | None) -> dict:

@@ -176,6 +176,7 @@ def test_a_readme_without_the_markers_is_refused(tmp_path):
 def test_the_keys_a_rerun_may_change_are_those_outside_the_experiments_identity():
   harmless = config_docs.rerun_keys()
   assert set(harmless) == {f"mteo.{key}" for key in experiment.HARMLESS_KEYS} | {
-      "overwrite", "distributed", "cluster.coordinator_address", "cluster.num_processes", "cluster.process_id"}
+      "overwrite", "distributed", "cpu_devices", "cluster.coordinator_address", "cluster.num_processes",
+      "cluster.process_id"}
   assert "mteo.steps" not in harmless and "mteo.steps" in config_docs.rerun_keys(lr_decay="constant")
   assert "seed" not in harmless and "mteo.reference.rtol" not in harmless

@@ -218,3 +218,41 @@ def test_the_teacher_row_compiles_on_one_heun_step_and_samples_each_chunk_once(g
   sigmas = get_schedule("edm", 4, precond.sigma_min, precond.sigma_max, rho=7.0)
   expected = heun.sample(lambda x, sigma: gmm_teacher.denoiser(x, sigma), jnp.asarray(h.x_T_eval), sigmas)
   assert row["rmse"] == pytest.approx(float(metrics.rmse(np.asarray(expected), h.eval_reference.final)), rel=1e-5)
+
+
+def test_teacher_steps_zero_leaves_the_teacher_row_out(gmm_teacher, tmp_path):
+  """teacher_steps=0: no Heun row, no teacher_row.json, no stage for it (the reference row stands for the teacher);
+  a negative count is refused."""
+  h = harness.Harness(gmm_teacher, tmp_path, harness.HarnessConfig(num_train=8, num_eval=16, teacher_steps=0,
+                                                                   progress=False))
+  assert h.teacher_row() is None and h.rows == [] and not (tmp_path / harness.TEACHER_ROW_FILE).exists()
+  assert h.progress.done == 1 and list(h.progress.durations) == ["set-up"]
+  base = [methods.get_method("base")]
+  assert harness.job_stages(base, ["euler"], [3]) == ["set-up", "teacher row", "base"]
+  assert harness.job_stages(base, ["euler"], [3], teacher_row=False) == ["set-up", "base"]
+  with pytest.raises(ValueError, match=r"teacher_steps must be >= 0 \(0: no teacher row\), got -1"):
+    harness.HarnessConfig(teacher_steps=-1)
+
+
+def test_the_plain_row_mteo_monitor_and_mteo_row_run_one_compiled_sampler(gmm_teacher, tmp_path):
+  """The plain solver's row is the table sampler with the teacher's own embeddings: one compiled program serves it,
+  MTEO's held-out monitor (sampled in the evaluation's chunks) and MTEO's row; the plain row equals the pretrained
+  path (no table) up to float rounding, and the monitor's RMSE is that of its first ``num`` noises."""
+  h = harness.Harness(gmm_teacher, tmp_path, harness.HarnessConfig(num_train=32, num_eval=64, eval_batch_size=32,
+                                                                   teacher_steps=0, progress=False))
+  cells = h.cells(("ipndm",), (3,))
+  settings = methods.MTEOSettings(steps=4, batch_size=16, warmup_steps=1, eval_every=2, log_every=2,
+                                  checkpoint_every=4, progress=False, save_tables=False)
+  base_row, mteo_row = h.run([methods.get_method("base"), methods.MTEO(settings)], cells)
+  assert len(mteo_row["held_out_curve"]["rmse"]) == 2   # the monitor ran at steps 2 and 4
+  assert h.table_sampler(cells[0]) is h.table_sampler(cells[0]) and h.table_sampler(cells[0])._cache_size() == 1
+  cell = cells[0]
+  plain = jax.jit(lambda x: mteo.student_sample(cell.solver, gmm_teacher.backbone, gmm_teacher.params,
+                                                gmm_teacher.precond, None, x, cell.sigmas))
+  from mteo_jax import metrics  # noqa: PLC0415
+  expected = float(metrics.rmse(np.asarray(plain(jnp.asarray(h.x_T_eval))), h.eval_reference.final))
+  assert base_row["rmse"] == pytest.approx(expected, rel=1e-4)
+  assert mteo_row["rmse"] < base_row["rmse"]
+  sample = lambda x, label: plain(jnp.asarray(x))  # noqa: E731
+  direct = float(metrics.rmse(np.asarray(plain(jnp.asarray(h.x_T_eval[:40]))), h.eval_reference.final[:40]))
+  assert h.held_out_rmse(sample, num=40) == pytest.approx(direct, rel=1e-5)

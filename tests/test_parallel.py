@@ -267,3 +267,59 @@ def test_batched_pads_each_chunk_to_the_mesh_and_drops_the_padding():
   assert seen == [((2, 2), None)] * 3   # 2 + 2 + (1 padded to 2)
   seen.clear()
   np.testing.assert_array_equal(batched(jax.jit(fn), 8, x, None, mesh=parallel.make_mesh()), 2 * x)
+
+
+CPU_DEVICES_PROBE = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from mteo_jax import modes, parallel, reference
+    from mteo_jax.teachers import Teacher
+    config = modes.base_config("mteo")
+    config.mteo.teacher = "pretrained:gmm"
+    config.cpu_devices = int(sys.argv[1])
+    modes.prepare(config)                 # what the command line does first
+    import jax
+    teacher = Teacher.load("pretrained:gmm")
+    x_T = np.random.default_rng(0).standard_normal((6, 2)).astype(np.float32) * teacher.precond.sigma_max
+    sigmas = np.array([teacher.precond.sigma_max, 1.0, teacher.precond.sigma_min], np.float32)
+    ref = reference.reference_trajectories(teacher.denoiser, x_T, sigmas, rtol=1e-4, atol=1e-4, batch_size=3,
+                                           progress=False)
+    parallel.use_cpu_devices(int(sys.argv[1]) + 1)   # too late: the backend has started; a warning, no change
+    print("RESULT" + json.dumps({"devices": jax.device_count(), "states": ref.states.tolist(),
+                                 "nfe": ref.nfe.tolist()}))
+""")
+
+
+def test_cpu_devices_sets_the_cpu_device_count_before_jax_starts_and_references_split_over_them():
+  """``cpu_devices`` (applied by ``modes.prepare``, before any JAX computation) makes JAX expose that many CPU devices
+  whatever XLA_FLAGS says, and 0 leaves XLA_FLAGS' count; the reference solve splits its chunks over them (chunks of
+  3 padded to 4, on 4 devices and on 2) with the same trajectories and NFE; once JAX has started, another count only
+  warns; a negative count is refused."""
+
+  def probe(count, xla_count):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={xla_count}"}
+    out = subprocess.run([sys.executable, "-c", CPU_DEVICES_PROBE, str(count)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
+    return json.loads(line[len("RESULT"):]), out.stderr
+
+  four, log = probe(4, xla_count=3)
+  assert four["devices"] == 4
+  assert "cpu_devices=5 is not applied: JAX started with 4 CPU device(s)" in log
+  default, _ = probe(0, xla_count=2)
+  assert default["devices"] == 2   # XLA_FLAGS' count: 0 changes nothing
+  # Each sample is its own adaptive solve; float rounding of another batch split moves its steps within the solve's
+  # tolerance (rtol = atol = 1e-4 of states up to sigma_max = 80 in size), so the two agree to that order, and a few
+  # steps may be accepted or rejected otherwise.
+  states, expected = np.asarray(four["states"]), np.asarray(default["states"])
+  assert np.abs(states - expected).max() <= 1e-3 * np.abs(expected).max(), np.abs(states - expected).max()
+  assert abs(np.mean(four["nfe"]) / np.mean(default["nfe"]) - 1) < 0.1, (four["nfe"], default["nfe"])
+  with pytest.raises(ValueError, match=r"cpu_devices must be >= 0 \(0 = JAX's default\), got -1"):
+    parallel.use_cpu_devices(-1)
+  from mteo_jax import modes  # noqa: PLC0415
+  config = modes.base_config("mteo")
+  config.mteo.teacher = "pretrained:gmm"
+  config.cpu_devices = -2
+  with pytest.raises(modes.ConfigError, match=r"cpu_devices must be >= 0"):
+    modes.parse(config)

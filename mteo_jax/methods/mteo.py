@@ -6,7 +6,6 @@ import dataclasses
 from typing import ClassVar
 
 import jax
-import numpy as np
 
 from mteo_jax import loop, mteo
 from mteo_jax.harness import Artefact, Cell, Harness, Sampler
@@ -90,10 +89,11 @@ class MTEO(Method):
                 "loss": dataclasses.asdict(loss), "num_train": harness.config.num_train,
                 "noise_seed": harness.train_seed, "reference": dataclasses.asdict(harness.config.reference),
                 **(identity or {})}
-    held_out = jax.jit(self._sample_fn(harness, cell))
+    held_out = harness.table_sampler(cell)   # the program the row runs: compiled once
 
     def evaluate(step: int, state: loop.TrainState) -> dict[str, float]:
-      return {"held_out_rmse": harness.held_out_rmse(lambda x, y: held_out(state.params, x, y))}
+      table = jax.device_get(state.params)   # on the host, as the row's table: the same compiled program
+      return {"held_out_rmse": harness.held_out_rmse(lambda x, y: held_out(table, x, y))}
 
     result = loop.fit(task, settings, harness.run_dir(self.name, cell), seed=harness.train_seed, identity=identity,
                       eval_fn=evaluate, eval_every=settings.eval_every,
@@ -108,19 +108,11 @@ class MTEO(Method):
       mteo.save_table(path, table, meta, overwrite=True)
     steps, losses = result.losses
     eval_steps, rmses = result.evals("held_out_rmse")
-    return Artefact(self.name, cell, payload=(table, self._sample_fn(harness, cell)),
+    return Artefact(self.name, cell, payload=(table, harness.table_sampler(cell)),
                     train_seconds=result.train_seconds, path=None if path is None else str(path),
                     curves={"loss_curve": {"step": steps, "loss": losses},
                             "held_out_curve": {"step": eval_steps, "rmse": rmses}})
 
-  @staticmethod
-  def _sample_fn(harness: Harness, cell: Cell):
-    teacher = harness.teacher
-    sigmas = np.asarray(cell.sigmas)
-    return lambda table, x_T, label: mteo.student_sample(cell.solver, teacher.backbone, teacher.params,
-                                                         teacher.precond, table, x_T, sigmas, label)
-
   def sampler(self, artefact: Artefact) -> Sampler:
-    table, sample = artefact.payload
-    run = jax.jit(sample)
+    table, run = artefact.payload
     return lambda x_T, label: run(table, x_T, label)
