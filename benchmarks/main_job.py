@@ -107,7 +107,7 @@ def save_plot(runs: dict[str, dict], path: Path, title: str) -> None:
   """One horizontal bar per run: its wall time split into the harness's phases and the start-up (imports)."""
   names = list(runs)
   phases = list(dict.fromkeys(p for entry in runs.values() for p in entry["phases"]))
-  fig, ax = plt.subplots(figsize=(9.0, 1.2 + 0.6 * len(names)))
+  fig, ax = plt.subplots(figsize=(9.0, 1.6 + 0.6 * len(names)))
   left = [0.0] * len(names)
   for i, phase in enumerate([*phases, "start-up"]):
     widths = [max(runs[n]["start_up_seconds"], 0.0) if phase == "start-up" else runs[n]["phases"].get(phase, 0.0)
@@ -121,7 +121,7 @@ def save_plot(runs: dict[str, dict], path: Path, title: str) -> None:
   ax.invert_yaxis()
   ax.set_xlabel("wall seconds")
   ax.set_xlim(0, max(left) * 1.15)
-  ax.legend(fontsize=7, ncol=4, loc="lower right")
+  ax.legend(fontsize=7, ncol=len(phases) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
