@@ -94,6 +94,17 @@ def log(message: str) -> None:
   print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def save_figure(fig: Any, path: str | os.PathLike) -> None:
+  """Lays out a matplotlib figure, writes it to ``path`` (its folder created; 120 dpi, cropped to its content) and
+  closes it."""
+  import matplotlib.pyplot as plt  # noqa: PLC0415  (the caller has chosen the backend)
+  path = Path(path)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
+  plt.close(fig)
+
+
 def _json_default(value: Any) -> Any:
   if isinstance(value, (np.floating, np.integer, np.bool_)):
     return value.item()

@@ -416,10 +416,7 @@ def save_plot(results: dict, path: Path, title: str) -> None:
     ax.set_ylabel(label)
   axes[1].axhline(1.0, color="black", linewidth=0.8, linestyle="--")
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 # --- the command line ------------------------------------------------------------------------------------------------

@@ -123,10 +123,7 @@ def save_plot(runs: dict[str, dict], path: Path, title: str) -> None:
   ax.set_xlim(0, max(left) * 1.15)
   ax.legend(fontsize=7, ncol=len(phases) + 1, loc="upper center", bbox_to_anchor=(0.5, -0.3), frameon=False)
   ax.set_title(title, fontsize=9)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> dict:

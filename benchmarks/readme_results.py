@@ -330,11 +330,9 @@ def features_lines() -> list[str]:
 
 def solvers_section(results_dir: Path) -> list[str]:
   """Training-free solvers' RMSE to the exact ODE solution on the closed-form mixture, at a few NFE."""
-  path = results_dir / "solver_error_vs_nfe.json"
-  lines = ["### Training-free solvers on a closed-form mixture", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "solver_error_vs_nfe", "Training-free solvers on a closed-form mixture")
   if data is None:
-    return lines + missing(path, "python benchmarks/solver_error_vs_nfe.py")
+    return lines
   setup, results = data["setup"], data["results"]
   nfes = [n for n in ("3", "4", "5", "8", "12", "20") if any(n in r["rmse"] for r in results.values())]
   rows = [[f"`{label}`", str(r["order"])] + [number(r["rmse"].get(n)) for n in nfes] for label, r in results.items()]
@@ -349,11 +347,9 @@ def solvers_section(results_dir: Path) -> list[str]:
 
 def cost_section(results_dir: Path) -> list[str]:
   """Learning time of each method against the teacher's training time, measured in one run."""
-  path = results_dir / "cost.json"
-  lines = ["### Cost: time to learn each method, against the teacher's training", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "cost", "Cost: time to learn each method, against the teacher's training")
   if data is None:
-    return lines + missing(path, "python benchmarks/cost.py")
+    return lines
   setup, results = data["setup"], data["results"]
   teacher = results["teacher"]
   rows = []
@@ -380,11 +376,10 @@ def cost_section(results_dir: Path) -> list[str]:
 
 def throughput_section(results_dir: Path) -> list[str]:
   """Samples per second of the plain solver, with an MTEO table and with INDIS's per-sample schedule."""
-  path = results_dir / "throughput.json"
-  lines = ["### Sampling throughput: plain, with a table, with a per-sample schedule", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "throughput",
+                          "Sampling throughput: plain, with a table, with a per-sample schedule")
   if data is None:
-    return lines + missing(path, "python benchmarks/throughput.py")
+    return lines
   setup, results = data["setup"], data["results"]
   rows, summary = [], []
   for teacher, by_solver in results.items():
@@ -422,11 +417,9 @@ def run_line(setup: dict, results: dict | None = None) -> str:
 
 def quality_section(results_dir: Path) -> list[str]:
   """Every method x solver x NFE on one teacher at one reduced, equal budget (benchmarks/quality.py)."""
-  path = results_dir / "quality.json"
-  lines = ["### Every method at one equal budget: method x solver x NFE", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "quality", "Every method at one equal budget: method x solver x NFE")
   if data is None:
-    return lines + missing(path, "python benchmarks/quality.py")
+    return lines
   setup, results = data["setup"], data["results"]
   budget, rows = setup["budget"], results["rows"]
   methods = [m for m in setup["methods"] if m != "pd" and any(r["method"] == m for r in rows)]
@@ -473,11 +466,10 @@ def quality_section(results_dir: Path) -> list[str]:
 
 def error_vs_nfe_section(results_dir: Path) -> list[str]:
   """Every solver's RMSE vs NFE on the digits teacher, with MTEO at NFE 3 and the NFE that matches it."""
-  path = results_dir / "error_vs_nfe.json"
-  lines = ["### Every solver vs NFE, and the NFE at which it matches MTEO at NFE 3", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "error_vs_nfe",
+                          "Every solver vs NFE, and the NFE at which it matches MTEO at NFE 3")
   if data is None:
-    return lines + missing(path, "python benchmarks/error_vs_nfe.py")
+    return lines
   setup, results = data["setup"], data["results"]
   rmse, budget = results["rmse"], setup["budget"]
   nfes = [str(n) for n in setup["nfes"]]
@@ -518,11 +510,10 @@ def error_vs_nfe_section(results_dir: Path) -> list[str]:
 
 def references_section(results_dir: Path) -> list[str]:
   """Diffrax adaptive vs fixed-step Heun at equal accuracy, and the main job's phase shares."""
-  path = results_dir / "references.json"
-  lines = ["### References: diffrax adaptive vs fixed-step Heun, and where the main job's time goes", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "references",
+                          "References: diffrax adaptive vs fixed-step Heun, and where the main job's time goes")
   if data is None:
-    return lines + missing(path, "python benchmarks/references.py")
+    return lines
   setup, results = data["setup"], data["results"]
   accuracy, job = results["accuracy"], results["main_job"]
   equal = accuracy["equal_accuracy"]
@@ -557,11 +548,10 @@ def references_section(results_dir: Path) -> list[str]:
 
 def main_job_section(results_dir: Path) -> list[str]:
   """README's first command from a fresh work directory, at its sizes and at the full ones (benchmarks/main_job.py)."""
-  path = results_dir / "main_job.json"
-  lines = ["### The main job's wall time: README's first command from a fresh work directory", ""]
-  data = load(path)
+  lines, data = benchmark(results_dir, "main_job",
+                          "The main job's wall time: README's first command from a fresh work directory")
   if data is None:
-    return lines + missing(path, "python benchmarks/main_job.py")
+    return lines
   setup, results = data["setup"], data["results"]
   runs = results["runs"]
   phases = list(dict.fromkeys(p for entry in runs.values() for p in entry["phases"]))
@@ -596,6 +586,17 @@ BENCHMARK_SECTIONS: tuple[Callable[[Path], list[str]], ...] = (quality_section, 
 
 
 # --- the whole section ---------------------------------------------------------------------------------------------
+
+def benchmark(results_dir: Path, name: str, title: str) -> tuple[list[str], dict | None]:
+  """A benchmark section's heading lines and its JSON ``results_dir/<name>.json``; where that is missing, None, and
+  the heading followed by the line naming the command that writes it (``python benchmarks/<name>.py``)."""
+  path = results_dir / f"{name}.json"
+  lines = [f"### {title}", ""]
+  data = load(path)
+  if data is None:
+    return lines + missing(path, f"python benchmarks/{name}.py"), None
+  return lines, data
+
 
 def missing(path: Path, command: str) -> list[str]:
   """One line for a source that is not there: the command that writes it (named as under benchmarks/results)."""

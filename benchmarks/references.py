@@ -298,10 +298,7 @@ def save_plot(results: dict, path: Path, title: str) -> None:
     ax.set_axis_off()
   ax.set_title("main job: wall time by phase", fontsize=9)
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 # --- the command line ------------------------------------------------------------------------------------------------

@@ -141,10 +141,7 @@ def save_plot(results: dict, path: Path, title: str) -> None:
     bottom.set_ylabel("time / plain solver's time")
     bottom.set_ylim(0, max(1.15, 1.15 * max(r[v]["time_ratio"] for _, _, r in cells for v in VARIANTS[1:])))
   fig.suptitle(title, fontsize=9)
-  fig.tight_layout()
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  common.save_figure(fig, path)
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -99,8 +99,8 @@ def test_config_conversion_checks_keys_and_types():
   # A section of another mode is an error, naming the valid sections (the config of a mode is all it reads).
   other = configs_gmm.get_config("tiny")
   other.mteo = ml_collections.ConfigDict({"steps": 3})
-  with pytest.raises(ValueError, match=r"config\.mteo.*valid keys of config: \['cluster', 'data', 'distributed', "
-                                      r"'mode'"):
+  with pytest.raises(ValueError, match=r"config\.mteo.*valid keys of config: \['cluster', 'cpu_devices', 'data', "
+                                      r"'distributed', 'mode'"):
     train.TeacherConfig.from_config(other)
   # Keys left out take the defaults of modes.base_config("train").
   partial = configs_gmm.get_config("tiny").to_dict()
