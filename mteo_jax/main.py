@@ -55,19 +55,22 @@ class _QuietLibraries(pylogging.Filter):
 
 
 def check_overrides(argv: Sequence[str]) -> str | None:
-  """The message for the first ``--config.<key>=...`` in ``argv`` that names no key of the config file's config (an
-  unknown key, or a section the chosen variant's mode does not read), or None when they all exist.
+  """The message for a ``--config=FILE`` that does not exist, or for the first ``--config.<key>=...`` in ``argv`` that
+  names no key of the config file's config (an unknown key, or a section the chosen variant's mode does not read), or
+  None when they all exist.
 
   ml_collections would fail on such an override with a bare ``AttributeError``/``KeyError`` traceback; this names the
   key, the variant and the valid keys of the section instead.
   """
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   overrides = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
-  if spec is None or not overrides:
+  if spec is None:
     return None
   path, _, variant = spec.partition(":")
   if not os.path.isfile(path):
     return f"no config file {path!r} (e.g. --config=configs/digits.py:mteo)"
+  if not overrides:
+    return None
   module_spec = importlib.util.spec_from_file_location("_mteo_jax_config_check", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -310,6 +310,9 @@ def test_check_overrides_names_the_valid_keys(monkeypatch):
                    problem), problem
   problem = main.check_overrides(["--config=configs/nope.py", "--config.seed=1"])
   assert "no config file 'configs/nope.py'" in problem
+  # Without any override too (absl would otherwise fail later with a traceback about an _ErrorConfig).
+  assert main.check_overrides(["--config=configs/nope.py:mteo", "--workdir=/unused"]) == (
+      "no config file 'configs/nope.py' (e.g. --config=configs/digits.py:mteo)")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -153,18 +153,22 @@ def readme_code(heading: str) -> str:
   return after.split("```python\n", 1)[1].split("\n```", 1)[0]
 
 
-def run_readme_sampling(workdir) -> None:
+def run_readme_sampling(workdir, solver: str = "ipndm") -> None:
   """README's "Sample with a trained table" as written, on ``workdir`` (README's digits job there, a GMM job here:
-  only the workdir and the teacher are substituted); its samples are finite and use the table."""
+  only the workdir, the teacher and, where the job has another solver, the solver's name in its three places are
+  substituted); its samples are finite and use the table."""
   code = readme_code("### Sample with a trained table")
   assert code.count('"runs/digits_mteo/') == 1 and code.count('"pretrained:digits"') == 1
+  assert [code.count(part) for part in ('tables/ipndm_nfe3"', 'solver_name="ipndm"', 'get_solver("ipndm")')] == [1] * 3
   code = code.replace('"runs/digits_mteo/', f'"{workdir}/').replace('"pretrained:digits"', '"pretrained:gmm"')
+  for part in ('tables/{}_nfe3"', 'solver_name="{}"', 'get_solver("{}")'):
+    code = code.replace(part.format("ipndm"), part.format(solver))
   scope = {}
   exec(compile(code, "README.md", "exec"), scope)   # noqa: S102 (README's own code)
   x0 = np.asarray(scope["x0"])
   assert x0.shape == (16, 2) and np.isfinite(x0).all()
   teacher, meta = scope["teacher"], scope["meta"]
-  plain = mteo.student_sample(get_solver("euler"), teacher.backbone, teacher.params, teacher.precond, None,
+  plain = mteo.student_sample(get_solver(solver), teacher.backbone, teacher.params, teacher.precond, None,
                               scope["x_T"], meta["sigmas"])
   assert not np.allclose(x0, np.asarray(plain), atol=1e-5)   # the table changed the path
 
@@ -172,20 +176,20 @@ def run_readme_sampling(workdir) -> None:
 def test_readme_samples_with_a_trained_table(gmm_job):
   """README's snippet on the table that the main job trained and saved in its workdir."""
   workdir, _ = gmm_job
-  run_readme_sampling(workdir)
+  run_readme_sampling(workdir, solver="euler")   # the GMM job's solver
 
 
 def test_readme_sampling_snippet_on_a_saved_table(tmp_path):
   """README's snippet against the library's API without a job (the test above is slow): a perturbed table of the
-  shipped GMM teacher saved where the main job saves its euler NFE 3 table."""
+  shipped GMM teacher saved where the main job saves its iPNDM NFE 3 table."""
   teacher = Teacher.load("pretrained:gmm")
-  solver = get_solver("euler")
+  solver = get_solver("ipndm")
   sigmas = get_schedule("edm", solver.num_steps_for_nfe(3), teacher.precond.sigma_min, teacher.precond.sigma_max,
                         rho=7.0)
   table = mteo.init_table(teacher.backbone, teacher.params, teacher.precond, solver.eval_sigmas(sigmas), "layer")
   table = jax.tree.map(lambda leaf: leaf * 1.5, table)
-  meta = mteo.table_metadata(teacher.identity, "euler", {}, "edm", sigmas, table, teacher.backbone.layer_names)
-  mteo.save_table(tmp_path / "tables" / "euler_nfe3", table, meta)
+  meta = mteo.table_metadata(teacher.identity, "ipndm", {}, "edm", sigmas, table, teacher.backbone.layer_names)
+  mteo.save_table(tmp_path / "tables" / "ipndm_nfe3", table, meta)
   run_readme_sampling(tmp_path)
 
 
