@@ -172,8 +172,7 @@ def parse(config: ml_collections.ConfigDict | dict, overridden: Collection[str] 
     distributed, cluster = _distributed_settings(typed)
     distributed = parallel.distributed_choice(distributed)
     cluster.check()
-    if getattr(typed, "cpu_devices", 0) < 0:
-      raise ValueError(f"cpu_devices must be >= 0 (0 = JAX's default), got {typed.cpu_devices}")
+    parallel.check_cpu_devices(getattr(typed, "cpu_devices", 0))
     if distributed == "false" and cluster != parallel.ClusterConfig():
       changed = config_utils.diff(config_utils.to_plain(parallel.ClusterConfig()), config_utils.to_plain(cluster))
       raise ValueError(f"cluster is set ({changed}) but distributed is False: cluster.* is read only with "

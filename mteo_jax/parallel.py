@@ -124,6 +124,12 @@ def initialize_distributed(distributed: Any, cluster: ClusterConfig = ClusterCon
   return True
 
 
+def check_cpu_devices(count: int) -> None:
+  """Raises ValueError for a ``cpu_devices`` below 0 (0 = JAX's default)."""
+  if count < 0:
+    raise ValueError(f"cpu_devices must be >= 0 (0 = JAX's default), got {count}")
+
+
 def use_cpu_devices(count: int) -> None:
   """Makes JAX's CPU backend expose ``count`` devices (``jax.config``'s ``jax_num_cpu_devices``), so that the
   data-parallel mesh splits each batch over them; 0 leaves JAX's own default (one device, or the
@@ -141,8 +147,7 @@ def use_cpu_devices(count: int) -> None:
   Raises:
     ValueError: ``count`` below 0.
   """
-  if count < 0:
-    raise ValueError(f"cpu_devices must be >= 0 (0 = JAX's default), got {count}")
+  check_cpu_devices(count)
   if not count:
     return
   from jax._src import xla_bridge  # noqa: PLC0415  (the only place that says whether the backends have started)
